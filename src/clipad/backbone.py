@@ -1,0 +1,318 @@
+"""A frozen open_clip CLIP model seen as a token stream: any resolution, taps at any layers.
+
+Methods never call open_clip directly; they ask a :class:`Backbone` for
+
+- ``encode_image(x, layers=...)``: CLS embedding, final tokens and the residual stream after
+  chosen blocks (``layers`` are 1-based block indices: layer 24 is the output of the last block
+  of ViT-L/14);
+- ``project(tokens)``: ``ln_post`` then ``proj``, i.e. tokens mapped into the joint space;
+- ``encode_text(token_ids)`` / ``tokenize(texts)``.
+
+Input resolutions other than the checkpoint's are handled by interpolating the positional
+embedding on the fly (bicubic by default, as open_clip's ``resize_pos_embed``; methods whose
+official code does otherwise pass ``pos_interp``).
+
+Backbones are registered by name: ``tiny`` (a small random model for tests, defined in
+``configs/tiny.json``) and every open_clip architecture whose image tower is a ViT with a
+class token.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import weights as weights_mod
+from .errors import ClipadError, UnknownNameError
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+BUILTIN_BACKBONES = ("tiny",)
+
+
+@dataclass
+class ImageFeatures:
+    """What one pass of the image tower gives.
+
+    cls: [B, D] pooled token after ``ln_post`` and ``proj`` (the usual CLIP image embedding).
+    tokens: [B, N, W] final patch tokens after ``ln_post`` (not projected), N = gh * gw.
+    taps: layer -> [B, 1 + N, W] residual stream after that block (CLS first), un-normalised.
+    embeds: [B, 1 + N, W] token embeddings (patches + CLS + positions) before ``ln_pre``, when asked.
+    grid: (gh, gw) patch grid.
+    """
+
+    cls: torch.Tensor
+    tokens: torch.Tensor
+    taps: dict[int, torch.Tensor] = field(default_factory=dict)
+    embeds: torch.Tensor | None = None
+    grid: tuple[int, int] = (0, 0)
+
+
+def list_backbones() -> list[str]:
+    """``tiny`` plus every open_clip architecture name (not all have a ViT image tower)."""
+    import open_clip
+
+    return list(BUILTIN_BACKBONES) + list(open_clip.list_models())
+
+
+def _tiny_config() -> dict:
+    text = resources.files("clipad").joinpath("configs/tiny.json").read_text()
+    return json.loads(text)
+
+
+def _check_name(name: str) -> None:
+    import open_clip
+
+    if name in BUILTIN_BACKBONES or name in open_clip.list_models():
+        return
+    vits = [m for m in open_clip.list_models() if m.startswith("ViT")]
+    raise UnknownNameError(
+        f"unknown backbone '{name}'. Valid names: {', '.join(BUILTIN_BACKBONES)}, or an open_clip "
+        f"architecture such as {', '.join(vits)} (all: clipad.list_backbones())"
+    )
+
+
+def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], origin: str) -> None:
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed
+
+    if "positional_embedding" in state_dict and not hasattr(model, "positional_embedding"):
+        state_dict = convert_to_custom_text_state_dict(state_dict)
+    resize_pos_embed(state_dict, model)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()
+        raise ClipadError(
+            f"weights in '{origin}' do not fit this architecture: {' '.join(first[:3])[:600]}"
+        ) from exc
+
+
+def create_backbone(
+    name: str,
+    pretrained: str | Path | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    quick_gelu: bool | None = None,
+    cache_dir: str | None = None,
+) -> Backbone:
+    """Build a frozen backbone.
+
+    Args:
+        name: ``tiny`` or an open_clip architecture (``ViT-B-16-plus-240``, ``ViT-L-14-336``...).
+        pretrained: open_clip tag, path to a checkpoint file, or None for random weights.
+        seed: seed of the random initialisation (used when ``pretrained`` is None, so that a
+            saved detector with random weights is restored bit-identically).
+        quick_gelu: force QuickGELU on/off; None = as the weights require (OpenAI files and tags
+            flagged by open_clip use QuickGELU).
+    """
+    import open_clip
+
+    _check_name(name)
+    source = weights_mod.resolve(name, pretrained, cache_dir=cache_dir) if name != "tiny" or pretrained else None
+    state_dict, is_openai = (None, False)
+    if source is not None and source.path is not None:
+        state_dict, is_openai = weights_mod.read_state_dict(source.path)
+    use_quick_gelu = quick_gelu if quick_gelu is not None else bool(is_openai or (source and source.quick_gelu))
+    if source is None or source.kind == "random":
+        warnings.warn(
+            f"backbone '{name}' uses randomly initialised weights (pretrained=None, seed={seed}): "
+            "scores are meaningless for real inspection; pass an open_clip tag or a checkpoint file",
+            stacklevel=3,
+        )
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if name == "tiny":
+            cfg = _tiny_config()
+            model = open_clip.model.CLIP(**cfg, quick_gelu=use_quick_gelu)
+        else:
+            model = open_clip.create_model(name, pretrained=None, force_quick_gelu=use_quick_gelu)
+    if state_dict is not None:
+        _load_into(model, state_dict, str(source.path))
+
+    mean, std = OPENAI_MEAN, OPENAI_STD
+    if source is not None and source.tag:
+        cfg = open_clip.get_pretrained_cfg(name, source.tag)
+        mean, std = tuple(cfg.get("mean", mean)), tuple(cfg.get("std", std))
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
+    if name != "tiny":
+        try:
+            tokenizer = open_clip.get_tokenizer(name)
+        except Exception as exc:  # noqa: BLE001 - HF tokenizers need a download; say so
+            raise weights_mod.WeightsNotFound(f"the tokenizer of backbone '{name}' could not be loaded ({exc})") from exc
+    bb = Backbone(model, name=name, pretrained=None if pretrained is None else str(pretrained), mean=mean, std=std, tokenizer=tokenizer)
+    return bb.to(device)
+
+
+class Backbone(nn.Module):
+    """A frozen CLIP whose image tower is an open_clip ``VisionTransformer`` with a class token."""
+
+    def __init__(self, clip: nn.Module, *, name: str, pretrained: str | None, mean, std, tokenizer) -> None:
+        super().__init__()
+        visual = clip.visual
+        needed = ("conv1", "class_embedding", "positional_embedding", "transformer", "ln_post")
+        if not all(hasattr(visual, a) for a in needed) or getattr(visual, "attn_pool", None) is not None:
+            raise ClipadError(
+                f"backbone '{name}' has a {type(visual).__name__} image tower; clipad's methods need an "
+                "open_clip VisionTransformer with a class token (e.g. ViT-B-16, ViT-L-14-336)"
+            )
+        if getattr(visual, "pool_type", "tok") != "tok":
+            raise ClipadError(f"backbone '{name}' pools with '{visual.pool_type}'; clipad needs class-token pooling")
+        self.clip = clip.eval().requires_grad_(False)
+        self.name = name
+        self.pretrained = pretrained
+        self.tokenizer = tokenizer
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    # -- facts ---------------------------------------------------------------------------------
+    @property
+    def visual(self) -> nn.Module:
+        return self.clip.visual
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.visual.transformer.resblocks
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def width(self) -> int:
+        return self.visual.conv1.out_channels
+
+    @property
+    def embed_dim(self) -> int:
+        return self.visual.proj.shape[1] if self.visual.proj is not None else self.width
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        k = self.visual.conv1.kernel_size
+        return (k, k) if isinstance(k, int) else tuple(k)
+
+    @property
+    def native_grid(self) -> tuple[int, int]:
+        return tuple(self.visual.grid_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.visual.conv1.weight.device
+
+    def layer_index(self, fraction: float) -> int:
+        """A depth-relative layer choice: fraction 0.5 of a 24-block tower -> block 12."""
+        return max(1, min(self.depth, round(fraction * self.depth)))
+
+    # -- image tower ---------------------------------------------------------------------------
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> CLIP-normalised."""
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def positional_embedding(self, grid: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+        """[1 + gh * gw, W] positional embedding for a patch grid, interpolated when it differs."""
+        pos = self.visual.positional_embedding
+        if tuple(grid) == self.native_grid:
+            return pos
+        g0h, g0w = self.native_grid
+        cls_pos, grid_pos = pos[:1], pos[1:]
+        grid_pos = grid_pos.reshape(1, g0h, g0w, -1).permute(0, 3, 1, 2)
+        kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+        grid_pos = F.interpolate(grid_pos.float(), size=tuple(grid), mode=mode, **kwargs)
+        grid_pos = grid_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
+        return torch.cat([cls_pos, grid_pos], dim=0)
+
+    def embed(self, x: torch.Tensor, pos_interp: str = "bicubic") -> tuple[torch.Tensor, tuple[int, int]]:
+        """Normalised images [B, 3, H, W] -> token embeddings [B, 1 + N, W] (before ``ln_pre``)."""
+        ph, pw = self.patch_size
+        if x.shape[-2] % ph or x.shape[-1] % pw:
+            raise ClipadError(
+                f"input {tuple(x.shape[-2:])} is not a multiple of the patch size {ph}x{pw} of '{self.name}'"
+            )
+        v = self.visual
+        tok = v.conv1(x.to(v.conv1.weight.dtype))
+        grid = (tok.shape[-2], tok.shape[-1])
+        tok = tok.flatten(2).transpose(1, 2)
+        cls = v.class_embedding.to(tok.dtype).view(1, 1, -1).expand(tok.shape[0], -1, -1)
+        tok = torch.cat([cls, tok], dim=1)
+        return tok + self.positional_embedding(grid, pos_interp).to(tok.dtype), grid
+
+    def run_blocks(self, h: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Apply blocks ``start .. stop-1`` (0-based) to a residual stream [B, L, W]."""
+        for blk in self.blocks[start:stop]:
+            h = blk(h)
+        return h
+
+    def encode_image(
+        self,
+        x: torch.Tensor,
+        layers: tuple[int, ...] | list[int] = (),
+        *,
+        keep_embeds: bool = False,
+        pos_interp: str = "bicubic",
+    ) -> ImageFeatures:
+        """Normalised images [B, 3, H, W] -> :class:`ImageFeatures` with taps after ``layers``."""
+        bad = [l for l in layers if not 1 <= l <= self.depth]
+        if bad:
+            raise ClipadError(f"layers {bad} out of range for '{self.name}' (blocks 1..{self.depth})")
+        emb, grid = self.embed(x, pos_interp)
+        h = self.visual.ln_pre(emb)
+        taps: dict[int, torch.Tensor] = {}
+        wanted = set(layers)
+        for i, blk in enumerate(self.blocks, start=1):
+            h = blk(h)
+            if i in wanted:
+                taps[i] = h
+        cls, tokens = self.pool(h)
+        return ImageFeatures(cls=cls, tokens=tokens, taps=taps, embeds=emb if keep_embeds else None, grid=grid)
+
+    def pool(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final residual stream [B, 1 + N, W] -> (CLS embedding [B, D], tokens [B, N, W]) as open_clip pools."""
+        pooled, tokens = self.visual._pool(h)
+        if self.visual.proj is not None:
+            pooled = pooled @ self.visual.proj
+        return pooled, tokens
+
+    def encode_sequences(self, emb: torch.Tensor) -> torch.Tensor:
+        """Run the whole tower on token sequences [S, L, W] (CLS first, before ``ln_pre``) -> [S, D]."""
+        h = self.run_blocks(self.visual.ln_pre(emb))
+        return self.pool(h)[0]
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[..., W] residual-stream tokens -> [..., D] joint-space tokens (``ln_post`` then ``proj``)."""
+        out = self.visual.ln_post(tokens)
+        return out @ self.visual.proj if self.visual.proj is not None else out
+
+    # -- text tower ----------------------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """[T] strings -> [T, context_length] token ids on the backbone's device."""
+        return self.tokenizer(texts).to(self.device)
+
+    def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """[T, L] token ids -> [T, D] text embeddings (not normalised).
+
+        With a causal mask and pooling at the end-of-text token (the argmax id), positions after
+        the last EOT cannot influence the result, so the sequence is cut there: prompts of ~15
+        tokens then cost a fifth of the full 77-token context.
+        """
+        clip = self.clip
+        if getattr(clip, "text_pool_type", None) != "argmax" or getattr(clip, "attn_mask", None) is None:
+            return clip.encode_text(token_ids)
+        eot = token_ids.argmax(dim=-1)
+        length = int(eot.max()) + 1
+        cast = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(token_ids[:, :length]).to(cast) + clip.positional_embedding[:length].to(cast)
+        x = clip.transformer(x, attn_mask=clip.attn_mask[:length, :length])
+        x = clip.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot]
+        proj = clip.text_projection
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj

@@ -1,0 +1,7 @@
+"""Methods: one module each, registered by name. Importing this package registers them all."""
+
+from .base import Detector, Prediction
+from .registry import get_method, list_methods, register_method
+from . import winclip  # noqa: F401  (registers "winclip")
+
+__all__ = ["Detector", "Prediction", "get_method", "list_methods", "register_method"]

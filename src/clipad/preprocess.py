@@ -1,0 +1,83 @@
+"""Turn what users pass to ``predict`` into model-sized batches, and maps back into image sizes.
+
+Accepted inputs: a float tensor [B, 3, H, W] (or [3, H, W]) in [0, 1], a list of ``PIL.Image``,
+a list of file paths, or a list mixing those (sizes may differ within a list).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import ClipadError
+
+ImageInput = torch.Tensor | Image.Image | str | os.PathLike
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> [3, H, W] float32 in [0, 1]."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    arr = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def as_image_list(images: torch.Tensor | Sequence[ImageInput] | ImageInput) -> list[torch.Tensor]:
+    """Normalise any accepted input into a list of [3, H, W] float tensors in [0, 1].
+
+    Raises:
+        ImageReadError: a path that cannot be read as an image.
+        ClipadError: a tensor of the wrong shape or an unsupported element type.
+    """
+    from .imageio import load_image
+
+    if isinstance(images, torch.Tensor):
+        if images.ndim == 3:
+            images = images.unsqueeze(0)
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ClipadError(f"images tensor must be [B, 3, H, W] in [0, 1]; got shape {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ClipadError(f"images tensor must be float in [0, 1]; got dtype {images.dtype}")
+        return list(images.unbind(0))
+    if isinstance(images, (Image.Image, str, os.PathLike)):
+        images = [images]
+    out: list[torch.Tensor] = []
+    for i, item in enumerate(images):
+        if isinstance(item, torch.Tensor):
+            if item.ndim != 3 or item.shape[0] != 3 or not item.is_floating_point():
+                raise ClipadError(f"images[{i}] must be a float [3, H, W] tensor; got {tuple(item.shape)} {item.dtype}")
+            out.append(item)
+        elif isinstance(item, Image.Image):
+            out.append(pil_to_tensor(item))
+        elif isinstance(item, (str, os.PathLike, Path)):
+            out.append(pil_to_tensor(load_image(item)))
+        else:
+            raise ClipadError(f"images[{i}] has unsupported type {type(item).__name__}; pass a tensor, PIL image or path")
+    if not out:
+        raise ClipadError("no images given")
+    return out
+
+
+def resize_batch(images: list[torch.Tensor], size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """List of [3, H, W] -> [B, 3, h, w] on ``device``: bicubic with antialiasing, as torchvision's
+    ``Resize(..., antialias=True)`` on tensors; images already at ``size`` are left untouched."""
+    out = []
+    for img in images:
+        img = img.to(device, non_blocking=True)
+        if tuple(img.shape[-2:]) != tuple(size):
+            img = F.interpolate(img.unsqueeze(0), size=size, mode="bicubic", antialias=True, align_corners=False)[0]
+        out.append(img)
+    return torch.stack(out)
+
+
+def resize_map(amap: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[h, w] map -> [H, W] by bilinear interpolation (identity when sizes agree)."""
+    if tuple(amap.shape[-2:]) == tuple(size):
+        return amap
+    return F.interpolate(amap[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]

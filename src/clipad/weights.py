@@ -1,0 +1,194 @@
+"""Where CLIP weights come from: a local file, an open_clip tag, or nothing (random init).
+
+Resolution order for ``pretrained`` (ARCHITECTURE.md):
+
+1. an existing file path:
+   - an OpenAI TorchScript archive (``~/.cache/clip/ViT-L-14-336px.pt``) or an OpenAI state dict
+     (``.pt`` holding ``input_resolution``): loaded with QuickGELU, as OpenAI trained them;
+   - an open_clip checkpoint (``.bin``, ``.pt``, ``.pth``, ``.safetensors``).
+   Pickled files are read with ``torch.load(weights_only=True)`` only; TorchScript archives with
+   ``torch.jit.load`` (no Python pickle is executed for them).
+2. an open_clip pretrained tag (``laion400m_e31``, ``openai``, ...): taken from the Hugging Face
+   cache or ``~/.cache/clip`` when present, downloaded once otherwise. With no network (or with
+   ``HF_HUB_OFFLINE=1``) and no cached copy, :class:`~clipad.errors.WeightsNotFound` is raised
+   after one quick reachability probe, never after a storm of retries.
+3. ``None``: random initialisation, seeded so that the same seed gives the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UnknownNameError, WeightsNotFound
+
+HF_HOST = "huggingface.co"
+PROBE_TIMEOUT_S = 3.0
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """A resolved ``pretrained`` argument.
+
+    kind: "random" | "file" | "tag"; path: the local file to read (None for random);
+    quick_gelu: whether the weights were trained with QuickGELU activations.
+    """
+
+    kind: str
+    path: Path | None
+    quick_gelu: bool
+    tag: str | None = None
+
+
+def is_torchscript_archive(path: Path) -> bool:
+    """True for a TorchScript zip (OpenAI's released ``.pt`` files are such archives)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    return any(n.endswith("constants.pkl") or "/code/" in n for n in names)
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """Read a checkpoint file without unpickling arbitrary objects.
+
+    Returns ``(state_dict, is_openai)``; ``is_openai`` is True for OpenAI-format files, which
+    need QuickGELU.
+    """
+    path = Path(path)
+    is_openai = False
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path), device="cpu")
+    elif is_torchscript_archive(path):
+        sd = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        is_openai = True
+    else:
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any failure here is a bad file
+            raise WeightsNotFound(
+                f"cannot read checkpoint '{path}' as a tensor-only file ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}). clipad never unpickles arbitrary "
+                "objects; convert it to .safetensors or pass an OpenAI/open_clip checkpoint."
+            ) from exc
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd:
+        raise WeightsNotFound(f"checkpoint '{path}' holds no state dict")
+    if next(iter(sd)).startswith("module."):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    if "input_resolution" in sd:
+        is_openai = True
+    for key in ("input_resolution", "context_length", "vocab_size"):
+        sd.pop(key, None)
+    return sd, is_openai
+
+
+def _host_reachable(host: str = HF_HOST, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """One bounded probe (DNS + TCP connect) run in a thread, since DNS lookups cannot time out."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, 443), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def _cached_tag_file(cfg: dict, cache_dir: str | None) -> Path | None:
+    """The local copy of a tag's weights, if the HF cache or ~/.cache/clip already holds it."""
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id, filename = os.path.split(hub)
+        filename = filename or "open_clip_pytorch_model.bin"
+        candidates = [filename]
+        if filename.endswith((".bin", ".pth")):
+            candidates.insert(0, filename[:-4] + ".safetensors")
+        if filename == "open_clip_pytorch_model.bin":
+            candidates.insert(0, "open_clip_model.safetensors")
+        for name in candidates:
+            hit = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
+            if isinstance(hit, str) and os.path.isfile(hit):
+                return Path(hit)
+    url = cfg.get("url", "")
+    if url:
+        local = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        if local.is_file():
+            return local
+    return None
+
+
+def _download_tag(cfg: dict, cache_dir: str | None) -> Path:
+    import open_clip.pretrained as ocp
+
+    # Bound hub timeouts so a flaky connection fails in seconds rather than minutes.
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+    return Path(ocp.download_pretrained(cfg, cache_dir=cache_dir))
+
+
+def resolve(backbone: str, pretrained: str | os.PathLike | None, cache_dir: str | None = None) -> WeightsSource:
+    """Turn a ``pretrained`` argument into a local file (downloading a tag if needed).
+
+    Raises:
+        WeightsNotFound: a tag that is neither cached nor downloadable (offline), or an unreadable file.
+        UnknownNameError: a string that is neither a file nor a tag of ``backbone``.
+    """
+    if pretrained is None:
+        return WeightsSource("random", None, quick_gelu=False)
+    as_path = Path(os.path.expanduser(str(pretrained)))
+    if as_path.is_file():
+        return WeightsSource("file", as_path, quick_gelu=False)
+    if as_path.exists():
+        raise WeightsNotFound(f"pretrained='{pretrained}' is a directory, not a checkpoint file")
+
+    import open_clip
+
+    tag = str(pretrained)
+    cfg = open_clip.get_pretrained_cfg(backbone, tag)
+    if not cfg:
+        looks_like_path = os.sep in tag or tag.endswith((".pt", ".pth", ".bin", ".safetensors"))
+        if looks_like_path:
+            raise WeightsNotFound(f"pretrained checkpoint file '{tag}' does not exist")
+        tags = open_clip.list_pretrained_tags_by_model(backbone)
+        raise UnknownNameError(
+            f"'{tag}' is neither a file nor an open_clip pretrained tag of '{backbone}'; "
+            f"tags for '{backbone}': {', '.join(tags) if tags else '(none: pass a local file)'}"
+        )
+    quick_gelu = bool(cfg.get("quick_gelu", False))
+    cached = _cached_tag_file(cfg, cache_dir)
+    if cached is not None:
+        return WeightsSource("tag", cached, quick_gelu=quick_gelu, tag=tag)
+
+    hint = (
+        f"no cached weights for backbone '{backbone}' with pretrained tag '{tag}', and "
+        "{why}. Download them once on a connected machine (they land in the Hugging Face cache, "
+        "~/.cache/huggingface, or ~/.cache/clip), or pass a local file: "
+        f"pretrained='/path/to/{backbone}.safetensors' (open_clip .bin/.pt/.safetensors or an "
+        "OpenAI .pt), or pretrained=None for random weights."
+    )
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("CLIPAD_OFFLINE", "") not in ("", "0"):
+        raise WeightsNotFound(hint.format(why="offline mode is set (HF_HUB_OFFLINE/CLIPAD_OFFLINE)"))
+    if not _host_reachable():
+        raise WeightsNotFound(hint.format(why=f"{HF_HOST} cannot be reached (no network?)"))
+    try:
+        path = _download_tag(cfg, cache_dir)
+    except Exception as exc:  # noqa: BLE001 - report any download failure the same way
+        raise WeightsNotFound(hint.format(why=f"the download failed ({type(exc).__name__}: {exc})")) from exc
+    return WeightsSource("tag", path, quick_gelu=quick_gelu, tag=tag)

@@ -1,0 +1,228 @@
+"""``clipad`` command line: predict, eval (and more as methods land).
+
+Every subcommand reports each bad input on one stderr line, carries on with the rest, and exits
+1 at the end with a count when anything failed (2 for usage errors such as unknown names).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from . import __version__
+
+EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE = 0, 1, 2
+
+
+def _err(msg: str) -> None:
+    print(f"clipad: {msg}", file=sys.stderr, flush=True)
+
+
+def _pretrained_arg(value: str | None):
+    if value is None:
+        return None
+    return None if value.lower() in ("none", "random") else value
+
+
+def add_model_args(p: argparse.ArgumentParser, multi_method: bool = False) -> None:
+    g = p.add_argument_group("model")
+    if multi_method:
+        g.add_argument("--method", nargs="+", default=["winclip"],
+                       help="one or more detection methods (see `clipad methods`; default: winclip)")
+    else:
+        g.add_argument("--method", default="winclip", help="detection method (see `clipad methods`; default: winclip)")
+    g.add_argument(
+        "--backbone", default=None,
+        help="'tiny' or an open_clip architecture, e.g. ViT-B-16-plus-240 (default: the method's paper backbone)",
+    )
+    g.add_argument(
+        "--pretrained", default=None,
+        help="open_clip tag (e.g. laion400m_e31), a checkpoint file, or 'none' for random weights "
+        "(default: the method's tag for its default backbone; 'none' for tiny)",
+    )
+    g.add_argument("--detector", default=None, metavar="FILE",
+                   help="a detector saved with det.save() (.safetensors); replaces --method/--backbone/--pretrained")
+    g.add_argument("--image-size", type=int, default=None, help="model input size in pixels (default: the method's)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    g.add_argument("--batch-size", type=int, default=8, help="images per model call (default: 8)")
+    g.add_argument("--init-seed", type=int, default=0, help="seed of random weights when --pretrained none (default: 0)")
+
+
+def build_detector(args: argparse.Namespace):
+    import clipad
+
+    if args.detector:
+        return clipad.load_detector(args.detector, device=args.device)
+    kwargs = {}
+    if args.image_size:
+        kwargs["image_size"] = args.image_size
+    if args.pretrained is not None:
+        kwargs["pretrained"] = _pretrained_arg(args.pretrained)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*randomly initialised.*")
+        det = clipad.create_detector(args.method, backbone=args.backbone, device=args.device, seed=args.init_seed, **kwargs)
+    if det.backbone.pretrained is None:
+        _err(f"note: backbone '{det.backbone.name}' has random weights (seed {args.init_seed}); scores are for testing only")
+    return det
+
+
+def _unique_name(stem: str, used: set[str]) -> str:
+    name, i = stem, 1
+    while name in used:
+        name, i = f"{stem}_{i}", i + 1
+    used.add(name)
+    return name
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import csv
+
+    import numpy as np
+    from tqdm import tqdm
+
+    from .errors import ClipadError, ImageReadError
+    from .imageio import list_images, load_image
+    from .viz import save_overlay_png
+
+    failures = 0
+    paths: list[Path] = []
+    for item in args.images:
+        try:
+            found = list_images(item)
+        except ClipadError as exc:
+            _err(str(exc))
+            failures += 1
+            continue
+        if not found:
+            _err(f"'{item}' holds no images ({', '.join(sorted(e.lstrip('.') for e in _exts()))}); skipped")
+            failures += 1
+        paths.extend(found)
+    if not paths:
+        _err("no images to process")
+        return EXIT_FAILED_INPUTS
+
+    det = build_detector(args)
+    if args.reference:
+        refs, ref_paths = [], []
+        for item in args.reference:
+            for p in list_images(item):
+                try:
+                    refs.append(load_image(p))
+                    ref_paths.append(p)
+                except ImageReadError as exc:
+                    _err(f"reference {exc}; skipped")
+                    failures += 1
+        if not refs:
+            _err("none of the --reference images could be read")
+            return EXIT_FAILED_INPUTS
+        det.set_reference(refs, class_name=None)
+
+    out = Path(args.out)
+    (out / "heatmaps").mkdir(parents=True, exist_ok=True)
+    if args.save_maps:
+        (out / "maps").mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    rows: list[tuple[str, float]] = []
+    bar = tqdm(total=len(paths), desc=f"{det.name}", unit="img", file=sys.stderr, disable=args.quiet)
+    for start in range(0, len(paths), args.batch_size):
+        batch_paths, images = [], []
+        for p in paths[start : start + args.batch_size]:
+            try:
+                images.append(load_image(p))
+                batch_paths.append(p)
+            except ImageReadError as exc:
+                bar.clear()
+                _err(f"{exc}; skipped")
+                failures += 1
+        if images:
+            pred = det.predict(images, class_name=args.class_name, batch_size=args.batch_size)
+            for i, (p, img) in enumerate(zip(batch_paths, images)):
+                amap = pred.anomaly_maps[i].numpy()
+                score = float(pred.image_scores[i])
+                name = _unique_name(p.stem, used)
+                save_overlay_png(out / "heatmaps" / f"{name}.png", img, amap, score=score, title=p.name,
+                                 vmin=args.vmin, vmax=args.vmax)
+                if args.save_maps:
+                    np.save(out / "maps" / f"{name}.npy", amap.astype(np.float32))
+                rows.append((str(p), score))
+        bar.update(len(paths[start : start + args.batch_size]))
+    bar.close()
+
+    with open(out / "scores.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "score"])
+        w.writerows((p, f"{s:.6f}") for p, s in rows)
+    print(f"{len(rows)} image(s) scored -> {out / 'scores.csv'}, heatmaps in {out / 'heatmaps'}")
+    if failures:
+        _err(f"{failures} input(s) failed; see the lines above")
+        return EXIT_FAILED_INPUTS
+    return EXIT_OK
+
+
+def _exts():
+    from .imageio import IMAGE_EXTENSIONS
+
+    return IMAGE_EXTENSIONS
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    import clipad
+
+    for m in clipad.list_methods():
+        print(m)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipad",
+        description="Zero- and few-shot visual anomaly detection with a frozen CLIP: image scores and anomaly maps.",
+    )
+    parser.add_argument("--version", action="version", version=f"clipad {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("predict", help="score images and write heatmaps",
+                       description="Score images (files or directories) and write scores.csv plus a heatmap overlay per image.")
+    p.add_argument("images", nargs="+", metavar="IMAGES_OR_DIRS", help="image files and/or directories (searched recursively)")
+    add_model_args(p)
+    p.add_argument("--reference", nargs="+", metavar="GOOD", default=None,
+                   help="known-good reference images or directories (k-shot; methods with few-shot support)")
+    p.add_argument("--class-name", default=None, help="product name used in text prompts (default: 'object')")
+    p.add_argument("--out", default="clipad_out", help="output directory (default: clipad_out)")
+    p.add_argument("--save-maps", action="store_true", help="also save each raw anomaly map as maps/<name>.npy (float32, image size)")
+    p.add_argument("--vmin", type=float, default=None, help="colour scale minimum of heatmaps (default: per image)")
+    p.add_argument("--vmax", type=float, default=None, help="colour scale maximum of heatmaps (default: per image)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
+
+    m = sub.add_parser("methods", help="list the registered methods")
+    m.set_defaults(func=cmd_methods)
+
+    from .evaluate import add_eval_parser
+
+    add_eval_parser(sub, add_model_args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import ClipadError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args) or 0)
+    except ClipadError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

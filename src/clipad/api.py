@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .backbone import create_backbone
+from .backbone import _check_name, create_backbone
 from .errors import ClipadError
 from .methods import get_method
 from .methods.base import Detector
@@ -51,6 +51,8 @@ def create_detector(
     """
     cls = get_method(method)
     backbone = backbone or cls.default_backbone
+    # An unknown name is reported as such (with the valid names) before asking for pretrained=.
+    _check_name(backbone)
     if pretrained is _UNSET:
         if backbone == "tiny":
             pretrained = None

@@ -44,13 +44,17 @@ def as_image_list(images: torch.Tensor | Sequence[ImageInput] | ImageInput) -> l
             raise ClipadError(f"images tensor must be [B, 3, H, W] in [0, 1]; got shape {tuple(images.shape)}")
         if not images.is_floating_point():
             raise ClipadError(f"images tensor must be float in [0, 1]; got dtype {images.dtype}")
+        if images.shape[0] == 0:
+            raise ClipadError("no images given (the images tensor has batch size 0)")
+        if images.shape[-2] == 0 or images.shape[-1] == 0:
+            raise ClipadError(f"images tensor has an empty image size; got shape {tuple(images.shape)}")
         return list(images.unbind(0))
     if isinstance(images, (Image.Image, str, os.PathLike)):
         images = [images]
     out: list[torch.Tensor] = []
     for i, item in enumerate(images):
         if isinstance(item, torch.Tensor):
-            if item.ndim != 3 or item.shape[0] != 3 or not item.is_floating_point():
+            if item.ndim != 3 or item.shape[0] != 3 or not item.is_floating_point() or 0 in item.shape:
                 raise ClipadError(f"images[{i}] must be a float [3, H, W] tensor; got {tuple(item.shape)} {item.dtype}")
             out.append(item)
         elif isinstance(item, Image.Image):

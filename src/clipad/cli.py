@@ -47,7 +47,33 @@ def add_model_args(p: argparse.ArgumentParser, multi_method: bool = False) -> No
     g.add_argument("--image-size", type=int, default=None, help="model input size in pixels (default: the method's)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     g.add_argument("--batch-size", type=int, default=8, help="images per model call (default: 8)")
+    g.add_argument("--tta", action="store_true", help="anoclip: test-time adaptation of its adapter (AnoCLIP+)")
+    g.add_argument("--domain", default=None, help="anoclip: prompt domain (object, texture, medical; default: from the class name)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other method option, e.g. --set scales=[2,3] --set temperature=0.05 (values parsed as JSON when possible)")
     g.add_argument("--init-seed", type=int, default=0, help="seed of random weights when --pretrained none (default: 0)")
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    """Method options from --tta, --domain and --set KEY=VALUE."""
+    import json
+
+    from .errors import ClipadError
+
+    opts: dict = {}
+    if getattr(args, "tta", False):
+        opts["tta"] = True
+    if getattr(args, "domain", None):
+        opts["domain"] = args.domain
+    for item in getattr(args, "set", []) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ClipadError(f"--set expects KEY=VALUE; got '{item}'")
+        try:
+            opts[key.strip().replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key.strip().replace("-", "_")] = value
+    return opts
 
 
 def build_detector(args: argparse.Namespace):
@@ -55,7 +81,7 @@ def build_detector(args: argparse.Namespace):
 
     if args.detector:
         return clipad.load_detector(args.detector, device=args.device)
-    kwargs = {}
+    kwargs = method_options(args)
     if args.image_size:
         kwargs["image_size"] = args.image_size
     if args.pretrained is not None:

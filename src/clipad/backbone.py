@@ -217,7 +217,12 @@ class Backbone(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def positional_embedding(self, grid: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
-        """[1 + gh * gw, W] positional embedding for a patch grid, interpolated when it differs."""
+        """[1 + gh * gw, W] positional embedding for a patch grid, interpolated when it differs.
+
+        ``mode="bicubic"`` is open_clip's ``resize_pos_embed`` (antialiased bicubic, whose kernel
+        differs from plain bicubic even when upsampling), so the tower computes what open_clip's
+        own model built at that resolution computes; other modes are plain ``F.interpolate``.
+        """
         pos = self.visual.positional_embedding
         if tuple(grid) == self.native_grid:
             return pos
@@ -225,6 +230,8 @@ class Backbone(nn.Module):
         cls_pos, grid_pos = pos[:1], pos[1:]
         grid_pos = grid_pos.reshape(1, g0h, g0w, -1).permute(0, 3, 1, 2)
         kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+        if mode == "bicubic":
+            kwargs["antialias"] = True
         grid_pos = F.interpolate(grid_pos.float(), size=tuple(grid), mode=mode, **kwargs)
         grid_pos = grid_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
         return torch.cat([cls_pos, grid_pos], dim=0)

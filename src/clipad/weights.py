@@ -55,6 +55,13 @@ def is_torchscript_archive(path: Path) -> bool:
     return any(n.endswith("constants.pkl") or "/code/" in n for n in names)
 
 
+def _is_torchscript_file(path: Path) -> bool:
+    try:
+        return is_torchscript_archive(path)
+    except (zipfile.BadZipFile, OSError):  # a damaged zip: let torch.load report it
+        return False
+
+
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
     """Read a checkpoint file without unpickling arbitrary objects.
 
@@ -63,12 +70,21 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
     """
     path = Path(path)
     is_openai = False
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 
-        sd = load_file(str(path), device="cpu")
-    elif is_torchscript_archive(path):
-        sd = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        try:
+            sd = load_file(str(path), device="cpu")
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError...: a bad file either way
+            raise WeightsNotFound(f"cannot read checkpoint '{path}' as a .safetensors file ({exc})") from exc
+    elif _is_torchscript_file(path):
+        try:
+            sd = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        except Exception as exc:  # noqa: BLE001 - a damaged archive is a bad file
+            raise WeightsNotFound(
+                f"cannot read checkpoint '{path}' as a TorchScript archive ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from exc
         is_openai = True
     else:
         try:
@@ -83,12 +99,17 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not sd:
         raise WeightsNotFound(f"checkpoint '{path}' holds no state dict")
+    if not all(isinstance(k, str) for k in sd):
+        raise WeightsNotFound(f"checkpoint '{path}' is not a state dict (its keys are not all parameter names)")
     if next(iter(sd)).startswith("module."):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     if "input_resolution" in sd:
         is_openai = True
     for key in ("input_resolution", "context_length", "vocab_size"):
         sd.pop(key, None)
+    others = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if others:
+        raise WeightsNotFound(f"checkpoint '{path}' is not a state dict of tensors (non-tensor entries: {others[:5]})")
     return sd, is_openai
 
 

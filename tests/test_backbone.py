@@ -298,3 +298,27 @@ def test_encode_text_is_per_prompt(bb: Backbone):
     for i, prompt in enumerate(PROMPTS):
         alone = bb.encode_text(bb.tokenize([prompt]))[0]
         torch.testing.assert_close(alone, together[i], rtol=0, atol=ATOL)
+
+
+def test_non_vit_backbones_are_rejected_before_building():
+    import clipad
+    from clipad.errors import ClipadError
+
+    for name in ("RN50", "convnext_base"):
+        with pytest.raises(ClipadError, match="no plain ViT image tower"):
+            clipad.create_detector("winclip", backbone=name, pretrained=None, device="cpu")
+
+
+def test_non_finite_pixels_are_rejected():
+    import clipad
+    from clipad.errors import ClipadError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        det = clipad.create_detector("winclip", backbone="tiny", pretrained=None, device="cpu")
+    x = torch.rand(1, 3, 240, 240)
+    x[0, 1, 5, 5] = float("nan")
+    with pytest.raises(ClipadError, match="NaN or infinite"):
+        det.predict(x)
+    with pytest.raises(ClipadError, match=r"images\[1\] contains NaN"):
+        det.predict([torch.rand(3, 240, 240), x[0]])

@@ -19,6 +19,7 @@ class token.
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -70,7 +71,16 @@ def _tiny_config() -> dict:
 def _check_name(name: str) -> None:
     import open_clip
 
-    if name in BUILTIN_BACKBONES or name in open_clip.list_models():
+    if name in BUILTIN_BACKBONES:
+        return
+    if name in open_clip.list_models():
+        vision = (open_clip.get_model_config(name) or {}).get("vision_cfg", {})
+        if not isinstance(vision.get("layers"), int) or vision.get("timm_model_name") or vision.get("attentional_pool"):
+            raise ClipadError(
+                f"backbone '{name}' has no plain ViT image tower (ResNet, timm or attention-pooled towers are not "
+                "supported); clipad's methods need an open_clip VisionTransformer with a class token, e.g. "
+                "ViT-B-16-plus-240 or ViT-L-14-336"
+            )
         return
     vits = [m for m in open_clip.list_models() if m.startswith("ViT")]
     raise UnknownNameError(
@@ -130,11 +140,12 @@ def create_backbone(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if name == "tiny":
-            cfg = _tiny_config()
-            model = open_clip.model.CLIP(**cfg, quick_gelu=use_quick_gelu)
-        else:
-            model = open_clip.create_model(name, pretrained=None, force_quick_gelu=use_quick_gelu)
+        # Built from the architecture config directly: open_clip.create_model would log a
+        # "randomly initialised" warning through the root logger (configuring it as a side effect).
+        cfg = _tiny_config() if name == "tiny" else copy.deepcopy(open_clip.get_model_config(name))
+        custom_text = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
+        model_cls = open_clip.model.CustomTextCLIP if custom_text else open_clip.model.CLIP
+        model = model_cls(**cfg, quick_gelu=use_quick_gelu).eval()
     if state_dict is not None:
         _load_into(model, state_dict, str(source.path))
 

@@ -48,6 +48,8 @@ def as_image_list(images: torch.Tensor | Sequence[ImageInput] | ImageInput) -> l
             raise ClipadError("no images given (the images tensor has batch size 0)")
         if images.shape[-2] == 0 or images.shape[-1] == 0:
             raise ClipadError(f"images tensor has an empty image size; got shape {tuple(images.shape)}")
+        if not bool(torch.isfinite(images).all()):
+            raise ClipadError("images tensor contains NaN or infinite values")
         return list(images.unbind(0))
     if isinstance(images, (Image.Image, str, os.PathLike)):
         images = [images]
@@ -65,6 +67,9 @@ def as_image_list(images: torch.Tensor | Sequence[ImageInput] | ImageInput) -> l
             raise ClipadError(f"images[{i}] has unsupported type {type(item).__name__}; pass a tensor, PIL image or path")
     if not out:
         raise ClipadError("no images given")
+    for i, t in enumerate(out):
+        if not bool(torch.isfinite(t).all()):
+            raise ClipadError(f"images[{i}] contains NaN or infinite values")
     return out
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
             raise WeightsNotFound(f"cannot read checkpoint '{path}' as a .safetensors file ({exc})") from exc
     elif _is_torchscript_file(path):
         try:
-            sd = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+            with warnings.catch_warnings():  # torch's TorchScript deprecation notice is not the user's concern
+                warnings.simplefilter("ignore", FutureWarning)
+                sd = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
         except Exception as exc:  # noqa: BLE001 - a damaged archive is a bad file
             raise WeightsNotFound(
                 f"cannot read checkpoint '{path}' as a TorchScript archive ({type(exc).__name__}: "

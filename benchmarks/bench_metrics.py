@@ -14,9 +14,11 @@ Targets (issue): full suite < 60 s on a 2-core CPU, < 3 s on a GPU; image metric
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -54,23 +56,27 @@ def synthetic_eval(n_images: int, size: int, seed: int, device: str, dtype: torc
     return scores.to(device), labels.to(device), maps.to(device), masks.to(device)
 
 
-def timed(fn: Callable[[], object], repeats: int, device: str) -> tuple[float, float]:
-    """(median seconds, peak memory in GiB: CUDA allocator peak, or process max RSS on CPU)."""
-    times = []
+def timed(fn: Callable[[], object], repeats: int, device: str) -> tuple[float, float, float]:
+    """(median wall seconds, median process CPU seconds (user + sys), peak memory in GiB: CUDA
+    allocator peak, or process max RSS on CPU). On a shared machine CPU seconds bound what the
+    wall time would be without the other load."""
+    times, cpu = [], []
     for _ in range(repeats):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), os.times()
         fn()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+        c1 = os.times()
+        cpu.append(c1.user - c.user + c1.system - c.system)
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    return statistics.median(times), peak
+    return statistics.median(times), statistics.median(cpu), peak
 
 
 def main() -> None:
@@ -86,7 +92,9 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     scores, labels, maps, masks = synthetic_eval(args.n_images, args.size, args.seed, args.device, dtype)
     # One untimed pass warms up kernels and allocators.
-    M.compute(scores[:8], labels[:8], maps[:8], masks[:8])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", M.UndefinedMetricWarning)
+        M.compute(scores[:8], labels[:8], maps[:8], masks[:8])
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
     rows = [
@@ -107,12 +115,12 @@ def main() -> None:
     mem_label = "peak alloc GiB" if args.device.startswith("cuda") else "process max RSS GiB"
     print(f"(data held: {maps.element_size() * n_pix / 2**30:.2f} GiB maps + {n_pix / 2**30:.2f} GiB masks; "
           f"RSS before timing {base_rss:.2f} GiB)")
-    print(f"| {'metric':<44} | {'median s':>9} | {mem_label:>19} |")
-    print(f"|{'-' * 46}|{'-' * 11}|{'-' * 21}|")
-    result = {}
+    print(f"load average before timing: {os.getloadavg()[0]:.1f}")
+    print(f"| {'metric':<44} | {'median s':>9} | {'CPU s':>7} | {mem_label:>19} |")
+    print(f"|{'-' * 46}|{'-' * 11}|{'-' * 9}|{'-' * 21}|")
     for name, fn in rows:
-        sec, mem = timed(fn, args.repeats, args.device)
-        print(f"| {name:<44} | {sec:>9.3f} | {mem:>19.2f} |", flush=True)
+        sec, cpu, mem = timed(fn, args.repeats, args.device)
+        print(f"| {name:<44} | {sec:>9.3f} | {cpu:>7.2f} | {mem:>19.2f} |", flush=True)
     result = M.compute(scores, labels, maps, masks)
     print("values (anomalyclip):", {k: round(v, 4) for k, v in result.items()})
 

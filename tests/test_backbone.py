@@ -21,14 +21,7 @@ from clipad.backbone import Backbone, _tiny_config, create_backbone, list_backbo
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny-model tensors gain nothing from intra-op threads, and on a busy 2-core runner
-    spinning OpenMP workers make these tests several times slower; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(seed: int = 0) -> Backbone:

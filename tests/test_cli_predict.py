@@ -32,14 +32,7 @@ SIZE = "64"  # model input size: a 4x4 patch grid keeps every run fast on CPU
 FAST = ["--backbone", "tiny", "--pretrained", "none", "--image-size", SIZE, "--quiet"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny-model tensors gain nothing from intra-op threads, and on a busy 2-core runner
-    spinning OpenMP workers make these tests several times slower; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(argv: list[str]) -> tuple[int, str, str]:

@@ -56,14 +56,7 @@ def _assert_prediction(pred: clipad.Prediction, n: int, size: tuple[int, int]) -
     assert torch.isfinite(pred.anomaly_maps).all()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny-model tensors gain nothing from intra-op threads, and on a busy 2-core runner
-    spinning OpenMP workers make these tests several times slower; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=METHODS)

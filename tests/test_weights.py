@@ -30,14 +30,7 @@ SOURCE_SEED = 11  # != create_backbone's default seed 0, so a load that did noth
 OPENAI_KEYS = {"input_resolution": torch.tensor(224), "context_length": torch.tensor(77), "vocab_size": torch.tensor(49408)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny-model tensors gain nothing from intra-op threads, and on a busy 2-core runner
-    spinning OpenMP workers make these tests several times slower; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_tiny(seed: int):

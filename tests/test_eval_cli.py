@@ -134,3 +134,26 @@ def test_unknown_class_lists_the_real_ones(folder, tmp_path, capsys):
                *TINY, "--classes", "widget", "--out", str(tmp_path / "O")])
     err = capsys.readouterr().err
     assert rc == 2 and "widget" in err and "line3" in err
+
+
+def test_visa_and_meta_layouts_evaluate(tmp_path):
+    from test_data import _make_mvtec, _make_visa, _official_style_meta
+
+    visa = _make_visa(tmp_path / "visa")
+    out = tmp_path / "Ov"
+    rc = _run(["eval", "--dataset", "visa", "--root", str(visa), *TINY, "--image-size", "64", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "metrics.json").read_text())
+    assert set(data["classes"]) == {"candle", "pcb1"}
+    assert data["classes"]["candle"]["n_images"] == 3 and data["classes"]["candle"]["n_anomalous"] == 2
+
+    mvtec = _make_mvtec(tmp_path / "mv")
+    (mvtec / "meta.json").write_text(json.dumps(_official_style_meta(mvtec)))
+    out_meta = tmp_path / "Om"
+    out_dir = tmp_path / "Od"
+    assert _run(["eval", "--dataset", "meta", "--root", str(mvtec), *TINY, "--image-size", "64", "--out", str(out_meta)]) == 0
+    assert _run(["eval", "--dataset", "mvtec", "--root", str(mvtec), *TINY, "--image-size", "64", "--out", str(out_dir)]) == 0
+    by_meta = json.loads((out_meta / "metrics.json").read_text())
+    by_dirs = json.loads((out_dir / "metrics.json").read_text())
+    # the same images indexed two ways give the same metrics
+    assert by_meta["classes"] == by_dirs["classes"]

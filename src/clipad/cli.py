@@ -226,9 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("methods", help="list the registered methods")
     m.set_defaults(func=cmd_methods)
 
+    from .bench import add_bench_parser
     from .evaluate import add_eval_parser
 
     add_eval_parser(sub, add_model_args)
+    add_bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,165 @@
+"""``clipad bench``: throughput of each method next to the bare backbone forward.
+
+Random weights by default (same compute as real ones, no download). For each batch size:
+warm-up calls, then ``--repeats`` timed calls of the method on a device-resident, normalised
+batch (device-synchronised), median reported as ms/image and images/s; the same for the bare
+image-tower forward, so the overhead of each method is visible; peak device memory; achieved
+TFLOP/s against an analytic FLOP count of one image-tower forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .backbone import Backbone
+
+
+def vit_forward_flops(backbone: Backbone, image_size: int) -> float:
+    """FLOPs (2 x multiply-adds) of one image-tower forward at ``image_size``: patch embedding,
+    per block qkv/out projections, attention scores and mixing, MLP; final projection."""
+    ph, pw = backbone.patch_size
+    n = (image_size // ph) * (image_size // pw) + 1
+    w = backbone.width
+    blk = backbone.blocks[0]
+    mlp = blk.mlp.c_fc.out_features if hasattr(blk.mlp, "c_fc") else 4 * w
+    macs = (n - 1) * 3 * ph * pw * w  # patch embedding (no CLS)
+    macs += backbone.depth * (4 * n * w * w + 2 * n * n * w + 2 * n * w * mlp)
+    macs += w * backbone.embed_dim
+    return 2.0 * macs
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (KiB on Linux)
+
+
+def bench_method(
+    method: str, *, backbone: str | None, image_size: int | None, batches: list[int], shots: int,
+    device: str | None, dtype: str, warmup: int, repeats: int, options: dict[str, Any],
+) -> list[dict[str, Any]]:
+    import clipad
+
+    opts = dict(options)
+    if image_size:
+        opts["image_size"] = image_size
+    opts["precision"] = "bf16" if dtype == "bf16" else "fp32"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        det = clipad.create_detector(method, backbone=backbone, pretrained=None, device=device, **opts)
+    dev = det.device
+    size = det.image_size
+    if shots:
+        det.set_reference(torch.rand(shots, 3, size, size))
+    flops = vit_forward_flops(det.backbone, size)
+    rows = []
+    for b in batches:
+        x = det.backbone.normalize(torch.rand(b, 3, size, size, device=dev))
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+
+        def run_method():
+            det.score_normalized(x, class_name="object")
+
+        def run_backbone():
+            with torch.no_grad(), det.autocast():
+                det.backbone.encode_image(x)
+
+        t_method = _time(run_method, dev, warmup, repeats)
+        t_bare = _time(run_backbone, dev, warmup, repeats)
+        rows.append({
+            "method": method, "backbone": det.backbone.name, "image_size": size, "shots": shots,
+            "device": str(dev), "dtype": dtype, "batch": b,
+            "ms_per_image": 1e3 * t_method / b, "images_per_s": b / t_method,
+            "backbone_ms_per_image": 1e3 * t_bare / b,
+            "overhead_vs_backbone": t_method / t_bare,
+            "backbone_tflops": flops * b / t_bare / 1e12,
+            "peak_memory_mb": _peak_memory_mb(dev),
+        })
+    return rows
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    head = f"{'method':<12}{'backbone':<20}{'px':>5}{'k':>3}{'batch':>6}{'ms/img':>10}{'img/s':>9}" \
+           f"{'bare ms/img':>12}{'x bare':>8}{'TFLOP/s':>9}{'peak MB':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['method']:<12}{r['backbone']:<20}{r['image_size']:>5}{r['shots']:>3}{r['batch']:>6}"
+            f"{r['ms_per_image']:>10.2f}{r['images_per_s']:>9.1f}{r['backbone_ms_per_image']:>12.2f}"
+            f"{r['overhead_vs_backbone']:>8.2f}{r['backbone_tflops']:>9.3f}{r['peak_memory_mb']:>9.0f}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import platform
+
+    import clipad
+
+    from .cli import method_options
+
+    methods = clipad.list_methods() if args.method == "all" else [args.method]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows: list[dict[str, Any]] = []
+    for m in methods:
+        rows += bench_method(
+            m, backbone=args.backbone, image_size=args.image_size, batches=args.batch, shots=args.shots,
+            device=args.device, dtype=args.dtype, warmup=args.warmup, repeats=args.repeats,
+            options=method_options(args),
+        )
+    dev = rows[0]["device"] if rows else "?"
+    name = torch.cuda.get_device_name(torch.device(dev)) if dev.startswith("cuda") else (platform.processor() or platform.machine())
+    print(f"# clipad bench on {name}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads; random weights; "
+          f"median of {args.repeats} after {args.warmup} warm-up")
+    print(format_rows(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": name, "rows": rows}, indent=2))
+    return 0
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="measure throughput of methods and the bare backbone",
+                       description=__doc__.splitlines()[0] + " Random weights; nothing is downloaded.")
+    p.add_argument("--method", default="all", help="a method name or 'all' (default)")
+    p.add_argument("--backbone", default=None, help="backbone (default: each method's paper backbone)")
+    p.add_argument("--image-size", type=int, default=None, help="input size (default: the method's)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default: 1 8)")
+    p.add_argument("--shots", type=int, default=0, help="reference images (few-shot methods)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="fp32 or bf16 autocast (default fp32)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per batch size (default 2)")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per batch size; the median is reported (default 5)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method option, as for predict")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the rows as JSON")
+    p.set_defaults(func=cmd_bench)
+

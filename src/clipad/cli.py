@@ -227,9 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_methods)
 
     from .bench import add_bench_parser
+    from .convert import add_convert_parser
     from .evaluate import add_eval_parser
+    from .train import add_train_parser
 
     add_eval_parser(sub, add_model_args)
+    add_train_parser(sub, add_model_args)
+    add_convert_parser(sub)
     add_bench_parser(sub)
     return parser
 

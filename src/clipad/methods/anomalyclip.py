@@ -1,0 +1,279 @@
+"""AnomalyCLIP (Zhou et al., ICLR 2024): object-agnostic prompt learning for zero-shot anomaly
+detection.
+
+Behaviour follows the official code (zqhang/AnomalyCLIP @ 45ed4dd, ``test.py`` / ``train.py``
+as its ``test.sh`` / ``train.sh`` run them):
+
+- image tower: the DPAM dual path (:mod:`clipad.dualpath`) from block ``dpam_start`` x depth on
+  (block 6 of 24 = the official ``DPAM_layer=20``), positional embedding interpolated bilinearly
+  (no antialiasing) to the 518 px grid;
+- local tokens: the V-V state after each tap block, ``ln_post`` then ``proj``;
+- global feature: the *original* path's final CLS token ``@ proj`` **without** ``ln_post``
+  (official; ``global_ln_post=True`` uses the vanilla CLIP embedding instead);
+- text: two learned prompts, "[12 context vectors] object." and "[12] damaged object."
+  (:class:`~clipad.prompt_learning.LearnablePrompts`), with 8 sets of 4 deep prompts in text
+  layers 2..9; normalised; the class name is never used (object-agnostic);
+- image score: ``softmax(cos(global, [w_n, w_a]) / 0.07)[abnormal]``; it never uses the map;
+- map, per tap: ``softmax(cos(token, [w_n, w_a]) / 0.07)`` on the patch grid, bilinear to the
+  input size, ``(p_a + 1 - p_n) / 2``; summed over taps; Gaussian sigma 4 (:mod:`clipad.smoothing`);
+- training loss: ``local_loss_weight x sum over taps (focal + dice(p_a, mask) + dice(p_n, 1 -
+  mask)) + cross-entropy(image logits)`` (:mod:`clipad.losses`).
+
+Which layers: the paper and the scripts' argparse defaults name taps 6/12/18/24, but the released
+code returned four aliases of the *last* V-V state (fixed upstream in April 2025), and the
+maintainers state that every published result and checkpoint uses layer 24 only; ``test.sh`` and
+``train.sh`` pass ``--features_list 24`` with the local loss weighted 4 (= the four aliased taps).
+Default here: ``taps=(1.0,)`` (the last block) and ``local_loss_weight=4``, which reproduce the
+released checkpoints' training and (up to a factor 4 that no metric sees) their maps.
+``taps=(0.25, 0.5, 0.75, 1.0)`` gives the four distinct layers 6/12/18/24.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..backbone import Backbone
+from ..dualpath import encode_image_dualpath
+from ..errors import ClipadError
+from ..losses import image_cross_entropy, segmentation_loss
+from ..prompt_learning import LearnablePrompts
+from ..smoothing import gaussian_blur
+from .base import Detector
+from .registry import register_method
+
+PROMPT_TEXTS = ("{} object.", "{} damaged object.")  # normal, abnormal; "object" for every class
+PAPER_IMAGE_SIZE = 518
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def state_probabilities(features: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[..., D] features, [2, D] unit (normal, abnormal) text -> [..., 2] softmax(cos / temperature)."""
+    f = F.normalize(features.float(), dim=-1)
+    return (f @ text.float().T / temperature).softmax(dim=-1)
+
+
+def patch_probability_maps(
+    tokens: torch.Tensor, text: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], temperature: float
+) -> torch.Tensor:
+    """Projected tokens [B, 1 + N, D] (CLS first) -> [B, 2, H, W] (normal, abnormal)
+    probabilities on the patch grid, upsampled bilinearly (align_corners=False) to ``size``."""
+    probs = state_probabilities(tokens[:, 1:], text, temperature)  # [B, N, 2]
+    b = probs.shape[0]
+    probs = probs.transpose(1, 2).reshape(b, 2, *grid)
+    return F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+
+
+def anomaly_map(probs: torch.Tensor) -> torch.Tensor:
+    """[B, 2, H, W] (normal, abnormal) probabilities -> [B, H, W] ``(p_a + 1 - p_n) / 2``."""
+    return (probs[:, 1] + 1.0 - probs[:, 0]) / 2.0
+
+
+def default_image_size(patch: int, target: int = PAPER_IMAGE_SIZE) -> int:
+    """The paper's 518 px where the patch size divides it, else the nearest multiple of the patch."""
+    return target if target % patch == 0 else max(patch, round(target / patch) * patch)
+
+
+@register_method("anomalyclip")
+class AnomalyCLIP(Detector):
+    """AnomalyCLIP, zero-shot with learned object-agnostic prompts.
+
+    Options:
+        image_size: model input size; default 518 (the nearest multiple of the patch size on
+            backbones whose patch does not divide 518, e.g. 512 on ``tiny``).
+        n_ctx: context vectors per prompt (12).
+        deep_depth, deep_length: deep text prompts in text layers 2..deep_depth, deep_length
+            vectors each (9, 4); ``deep_depth=0`` disables them.
+        taps: V-V layers of the map as fractions of the depth ((1.0,) = block 24 of 24; see
+            the module docstring for the 6/12/18/24 variant).
+        dpam_start: first dual-path block as a fraction of the depth (0.25 = block 6 of 24, the
+            official ``DPAM_layer=20``); None = no dual path (vanilla tokens).
+        temperature: softmax temperature (0.07).
+        sigma: Gaussian smoothing of the map in pixels (4; 0 = none).
+        local_loss_weight: weight of the map losses in training (4, the official ``lam``).
+        global_ln_post: apply ``ln_post`` to the global CLS token (False, official).
+        deep_fp16: round deep prompts to float16 as the official code does (True).
+        checkpoint: a clipad ``.safetensors`` holding AnomalyCLIP's learned prompts (from
+            ``clipad convert --from anomalyclip`` or ``clipad train``); None = random prompts.
+    """
+
+    default_backbone = "ViT-L-14-336"
+    default_pretrained = "openai"
+    few_shot = False
+    # the official train.py: Adam(lr 1e-3, betas (0.5, 0.999)), 15 epochs, batch 8, seed 111
+    training_defaults: ClassVar[dict[str, Any]] = {"epochs": 15, "batch_size": 8, "lr": 1e-3, "betas": (0.5, 0.999), "seed": 111}
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        image_size: int | None = None,
+        precision: str = "auto",
+        n_ctx: int = 12,
+        deep_depth: int = 9,
+        deep_length: int = 4,
+        taps: Sequence[float] = (1.0,),
+        dpam_start: float | None = 0.25,
+        temperature: float = 0.07,
+        sigma: float = 4.0,
+        local_loss_weight: float = 4.0,
+        global_ln_post: bool = False,
+        deep_fp16: bool = True,
+        checkpoint: str | None = None,
+    ) -> None:
+        size = default_image_size(backbone.patch_size[0]) if image_size is None else int(image_size)
+        super().__init__(backbone, image_size=size, precision=precision)
+        taps = tuple(float(t) for t in taps)
+        if not taps or any(not 0.0 < t <= 1.0 for t in taps):
+            raise ClipadError(f"taps must be fractions of the depth in (0, 1], e.g. (0.25, 0.5, 0.75, 1.0); got {taps}")
+        if dpam_start is not None and not 0.0 < float(dpam_start) <= 1.0:
+            raise ClipadError(f"dpam_start must be a fraction of the depth in (0, 1] or None; got {dpam_start}")
+        if temperature <= 0:
+            raise ClipadError(f"temperature must be > 0; got {temperature}")
+        self.tap_layers = tuple(backbone.layer_index(t) for t in taps)
+        self.first_vv_block = backbone.depth + 1 if dpam_start is None else backbone.layer_index(float(dpam_start))
+        self.temperature = float(temperature)
+        self.sigma = float(sigma)
+        self.local_loss_weight = float(local_loss_weight)
+        self.global_ln_post = bool(global_ln_post)
+        self.prompts = LearnablePrompts(
+            backbone, PROMPT_TEXTS, n_ctx, deep_depth=deep_depth, deep_length=deep_length, deep_fp16=deep_fp16
+        )
+        if checkpoint is not None:
+            from ..convert import read_learned_weights
+
+            self.load_learned_state(read_learned_weights(checkpoint, self.name))
+
+    # -- learned state -------------------------------------------------------------------------
+    def learned_state(self) -> dict[str, torch.Tensor]:
+        state = {"prompts.ctx": self.prompts.ctx.detach()}
+        if self.prompts.deep is not None:
+            state["prompts.deep"] = self.prompts.deep.detach()
+        return state
+
+    def load_learned_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy learned prompts in. Deep prompt sets beyond the ones this text tower can use
+        (an official depth-9 checkpoint on a tower of fewer than 9 layers) are dropped: the
+        official forward never reaches them either."""
+        own = self.learned_state()
+        deep = state.get("prompts.deep")
+        if deep is not None and "prompts.deep" in own and deep.shape[0] > own["prompts.deep"].shape[0]:
+            state = {**state, "prompts.deep": deep[: own["prompts.deep"].shape[0]]}
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ClipadError(
+                f"anomalyclip learned weights do not fit this detector: missing {missing}, unexpected {unexpected} "
+                f"(n_ctx={self.prompts.n_ctx}, {self.prompts.n_deep} deep prompt sets)"
+            )
+        for key, target in own.items():
+            if tuple(state[key].shape) != tuple(target.shape):
+                raise ClipadError(
+                    f"anomalyclip learned weight '{key}' has shape {tuple(state[key].shape)}, this detector needs "
+                    f"{tuple(target.shape)} (check n_ctx / deep_depth / deep_length and the backbone's text width)"
+                )
+        with torch.no_grad():
+            for key, target in own.items():
+                target.copy_(state[key].to(target.device, target.dtype))
+        self._text_cache.clear()
+
+    def save(self, path):
+        """As :meth:`Detector.save`, recording ``checkpoint=None``: the learned tensors are in
+        the saved file itself, so the file they first came from need not exist at load time."""
+        recorded = self.options
+        if recorded:
+            self.options = {**recorded, "checkpoint": None}
+        try:
+            return super().save(path)
+        finally:
+            self.options = recorded
+
+    def reset_parameters(self, seed: int) -> None:
+        """Redraw the prompts from N(0, 0.02) with ``seed`` (a fresh training run)."""
+        self.prompts.reset_parameters(seed)
+        self._text_cache.clear()
+
+    # -- training interface (clipad.train) -----------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.prompts.parameters()]
+
+    def train(self, mode: bool = True) -> AnomalyCLIP:
+        super().train(mode)
+        self.backbone.eval()  # frozen: never in training mode (patch dropout etc.)
+        self._text_cache.clear()
+        return self
+
+    def training_loss(
+        self, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, **_: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One batch's loss, as the official ``train.py``.
+
+        Args:
+            images: [B, 3, S, S] CLIP-normalised images at ``image_size``.
+            masks: [B, S, S] {0, 1} anomaly masks (float).
+            labels: [B] 0 normal / 1 anomalous.
+        Returns:
+            (loss, parts): the scalar to minimise and its detached components ``focal``,
+            ``dice_abnormal``, ``dice_normal`` (summed over taps, unweighted) and ``image_ce``.
+        """
+        self._text_cache.clear()
+        text = F.normalize(self.prompts(self.backbone).float(), dim=-1)
+        with torch.no_grad():
+            glob, taps, grid = self.encode_image(images)
+        logits = F.normalize(glob.float(), dim=-1) @ text.T / self.temperature
+        image_loss = image_cross_entropy(logits, labels.to(logits.device))
+        masks = masks.to(logits.device, torch.float32)
+        local = torch.zeros((), device=logits.device)
+        parts = {"focal": 0.0, "dice_abnormal": 0.0, "dice_normal": 0.0}
+        for tokens in taps:
+            probs = patch_probability_maps(tokens, text, grid, self.model_size, self.temperature)
+            focal, dice_a, dice_n = segmentation_loss(probs, masks)
+            local = local + focal
+            local = local + dice_a
+            local = local + dice_n
+            parts["focal"] += focal.detach()
+            parts["dice_abnormal"] += dice_a.detach()
+            parts["dice_normal"] += dice_n.detach()
+        loss = self.local_loss_weight * local + image_loss
+        return loss, {**parts, "image_ce": image_loss.detach()}
+
+    # -- inference -----------------------------------------------------------------------------
+    def text_features(self) -> torch.Tensor:
+        """[2, D] unit (normal, abnormal) embeddings of the learned prompts (cached)."""
+
+        def compute() -> torch.Tensor:
+            with torch.autocast(self.device.type, enabled=False):
+                return F.normalize(self.prompts(self.backbone).float(), dim=-1)
+
+        return self.cached_text("anomalyclip-prompts", compute)
+
+    def encode_image(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, int]]:
+        """Normalised [B, 3, S, S] -> (global [B, D], projected V-V taps [B, 1 + N, D] each, grid)."""
+        bb = self.backbone
+        feats = encode_image_dualpath(
+            bb, x, self.first_vv_block, vv_taps=self.tap_layers, orig_taps=(bb.depth,), pos_interp="bilinear"
+        )
+        if self.global_ln_post:
+            glob = feats.cls
+        else:
+            cls = feats.orig_taps[bb.depth][:, 0]
+            proj = bb.visual.proj
+            glob = cls @ proj if proj is not None else cls
+        taps = [bb.project(feats.vv_taps[layer]) for layer in self.tap_layers]
+        return glob, taps, feats.grid
+
+    def score_batch(self, x, class_name, reference):
+        text = self.text_features()
+        glob, taps, grid = self.encode_image(x)
+        with torch.autocast(self.device.type, enabled=False):
+            scores = state_probabilities(glob, text, self.temperature)[:, 1]
+            maps = torch.stack(
+                [anomaly_map(patch_probability_maps(t, text, grid, self.model_size, self.temperature)) for t in taps]
+            ).sum(dim=0)
+            maps = gaussian_blur(maps, self.sigma)
+        return scores, maps
+

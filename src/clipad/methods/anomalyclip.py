@@ -201,12 +201,6 @@ class AnomalyCLIP(Detector):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.prompts.parameters()]
 
-    def train(self, mode: bool = True) -> AnomalyCLIP:
-        super().train(mode)
-        self.backbone.eval()  # frozen: never in training mode (patch dropout etc.)
-        self._text_cache.clear()
-        return self
-
     def training_loss(
         self, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, **_: Any
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -88,6 +88,14 @@ class Detector(nn.Module):
             raise ClipadError(f"method '{self.name}' has no learned tensors, but the checkpoint holds {sorted(state)[:5]}")
 
     # -- shared machinery ----------------------------------------------------------------------
+    def train(self, mode: bool = True) -> Detector:
+        """Training mode for the method's own modules only: the backbone stays frozen in eval
+        mode, and cached text embeddings are dropped (learned prompts change while training)."""
+        super().train(mode)
+        self.backbone.eval()
+        self._text_cache.clear()
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.backbone.device

@@ -157,3 +157,14 @@ def test_visa_and_meta_layouts_evaluate(tmp_path):
     by_dirs = json.loads((out_dir / "metrics.json").read_text())
     # the same images indexed two ways give the same metrics
     assert by_meta["classes"] == by_dirs["classes"]
+
+
+def test_tiling_method_evaluates_non_square_images(folder, tmp_path):
+    # AnoCLIP keeps the aspect ratio of the 64x80 images (tiles); maps are compared at eval size
+    out = tmp_path / "Oa"
+    rc = _run(["eval", "--dataset", "folder", "--root", str(folder), "--normal-dir", "good", "--abnormal-dir", "bad",
+               "--mask-dir", "masks", "--method", "anoclip", *TINY, "--image-size", "64",
+               "--set", "augment_views=false", "--out", str(out)])
+    assert rc == 0
+    row = json.loads((out / "metrics.json").read_text())["classes"]["line3"]
+    assert row["n_images"] == 9 and 0.0 <= row["pixel_aupro"] <= 1.0

@@ -1,7 +1,7 @@
 """``clipad eval``: run a detector over a benchmark dataset and report per-class metrics.
 
 Protocol (as the official AnomalyCLIP / AdaptCLIP evaluations): images are resized to the
-method's input size; maps are compared with masks at the evaluation size (default: that same
+method's input size (square; methods that tile non-square images, AnoCLIP, keep the aspect ratio); maps are compared with masks at the evaluation size (default: that same
 input size), masks resized there by nearest neighbour; metrics per class, then their mean over
 classes (classes where a metric is undefined are left out of that mean and named).
 
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from . import metrics as metrics_mod
 from .errors import ClipadError, ImageReadError
+from .preprocess import equal_runs
 
 METRIC_KEYS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
 
@@ -55,16 +56,18 @@ class RunResult:
     seconds: float
 
 
-def _to_model_tensor(size: int):
-    from .preprocess import pil_to_tensor
+class _ToModelTensor:
+    """PIL image -> [3, h, w] float at the detector's input size for it (square, or aspect kept
+    for methods that tile), resized as ``predict`` does. A class so DataLoader workers can pickle it."""
 
-    def transform(image):
+    def __init__(self, input_size) -> None:
+        self.input_size = input_size
+
+    def __call__(self, image):
+        from .preprocess import pil_to_tensor, resize_batch
+
         t = pil_to_tensor(image)
-        if tuple(t.shape[-2:]) != (size, size):
-            t = F.interpolate(t[None], size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
-        return t
-
-    return transform
+        return resize_batch([t], self.input_size(tuple(t.shape[-2:])), t.device)[0]
 
 
 def _resize_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
@@ -80,24 +83,25 @@ def evaluate_class(
     """Score one class's test samples and compute its metrics."""
     from .data import make_loader
 
-    loader = make_loader(samples, batch_size, transform=_to_model_tensor(det.image_size), num_workers=workers)
+    loader = make_loader(samples, batch_size, transform=_ToModelTensor(det.input_size), num_workers=workers)
     scores, labels, maps, masks, known, kept = [], [], [], [], [], []
     for batch in loader:
         for fail in batch.failures:
             failures.append(str(fail))
             progress.write(f"clipad: {fail}", file=sys.stderr)
-        if len(batch):
-            x = det.backbone.normalize(batch.images.to(det.device))
+        images = list(batch.images) if len(batch) else []
+        for i, j in equal_runs([tuple(t.shape) for t in images]):
+            x = det.backbone.normalize(torch.stack(images[i:j]).to(det.device))
             s, m = det.score_normalized(x, class_name=class_name)
-            if m.shape[-1] != eval_size:
+            if tuple(m.shape[-2:]) != (eval_size, eval_size):
                 m = F.interpolate(m[:, None], size=(eval_size, eval_size), mode="bilinear", align_corners=False)[:, 0]
             scores.append(s.cpu().numpy())
             maps.append(m.to(torch.float16).cpu())
-            for smp, mk in zip(batch.samples, batch.masks):
-                labels.append(smp.label)
-                known.append(mk is not None)
-                masks.append(_resize_mask(mk, eval_size) if mk is not None else torch.zeros(eval_size, eval_size, dtype=torch.bool))
-                kept.append(smp)
+        for smp, mk in zip(batch.samples, batch.masks):
+            labels.append(smp.label)
+            known.append(mk is not None)
+            masks.append(_resize_mask(mk, eval_size) if mk is not None else torch.zeros(eval_size, eval_size, dtype=torch.bool))
+            kept.append(smp)
         progress.update(len(batch) + len(batch.failures))
     if not kept:
         return None

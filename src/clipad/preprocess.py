@@ -90,3 +90,16 @@ def resize_map(amap: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(amap.shape[-2:]) == tuple(size):
         return amap
     return F.interpolate(amap[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+
+
+def equal_runs(keys: Sequence) -> list[tuple[int, int]]:
+    """Maximal runs of equal consecutive keys as (start, stop) pairs, in order: images of one input
+    size are batched together without reordering (order-dependent modes see input order)."""
+    runs, i = [], 0
+    while i < len(keys):
+        j = i + 1
+        while j < len(keys) and keys[j] == keys[i]:
+            j += 1
+        runs.append((i, j))
+        i = j
+    return runs

@@ -3,6 +3,7 @@
 from .base import Detector, Prediction
 from .registry import get_method, list_methods, register_method
 from . import winclip  # noqa: F401  (registers "winclip")
+from . import anoclip  # noqa: F401
 from . import anomalyclip  # noqa: F401
 
 __all__ = ["Detector", "Prediction", "get_method", "list_methods", "register_method"]

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..backbone import Backbone
 from ..errors import ClipadError
-from ..preprocess import ImageInput, as_image_list, resize_batch, resize_map
+from ..preprocess import ImageInput, as_image_list, equal_runs, resize_batch, resize_map
 
 DEFAULT_CLASS = "object"
 
@@ -117,6 +117,11 @@ class Detector(nn.Module):
                 self._text_cache[key] = compute().float()
         return self._text_cache[key]
 
+    def input_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """Model input size (H, W) for an image of ``size`` (H, W). Default: the square model size;
+        methods that keep the aspect ratio (AnoCLIP's tiling) override it."""
+        return self.model_size
+
     def prepare(self, images: torch.Tensor | Sequence[ImageInput] | ImageInput) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Any accepted input -> (normalised [B, 3, S, S] on the device, original (H, W) sizes)."""
         tensors = as_image_list(images)
@@ -126,7 +131,7 @@ class Detector(nn.Module):
 
     @torch.no_grad()
     def score_normalized(self, x: torch.Tensor, class_name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised [B, 3, S, S] -> (scores [B], maps [B, S, S]) as float32 on the device."""
+        """Normalised [B, 3, H, W] (H, W from :meth:`input_size`) -> (scores [B], maps [B, H, W]) as float32."""
         name = class_name or DEFAULT_CLASS
         reference = self.reference_for(name)
         with self.autocast():
@@ -145,11 +150,13 @@ class Detector(nn.Module):
         scores, maps = [], []
         for start in range(0, len(tensors), batch_size):
             chunk = tensors[start : start + batch_size]
-            x = self.backbone.normalize(resize_batch(chunk, self.model_size, self.device).float())
-            s, m = self.score_normalized(x, class_name)
-            scores.append(s.cpu())
-            for amap, img in zip(m, chunk):
-                maps.append(resize_map(amap, tuple(img.shape[-2:])).cpu())
+            sizes = [self.input_size(tuple(t.shape[-2:])) for t in chunk]
+            for i, j in equal_runs(sizes):
+                part = chunk[i:j]
+                x = self.backbone.normalize(resize_batch(part, sizes[i], self.device).float())
+                s, m = self.score_normalized(x, class_name)
+                scores.append(s.cpu())
+                maps += [resize_map(amap, tuple(img.shape[-2:])).cpu() for amap, img in zip(m, part)]
         image_scores = torch.cat(scores)
         same = len({tuple(m.shape) for m in maps}) == 1
         return Prediction(image_scores=image_scores, anomaly_maps=torch.stack(maps) if same else maps)

@@ -102,7 +102,15 @@ def convert_anomalyclip(obj: Any) -> Converted:
     return Converted("anomalyclip", learned, options, _summarise_dropped(sorted(set(sd) - used)), default_image_size(14))
 
 
-CONVERTERS: dict[str, Callable[[Any], Converted]] = {"anomalyclip": convert_anomalyclip}
+def convert_adaptclip(obj: Any) -> Converted:
+    """An official AdaptCLIP checkpoint object -> :class:`Converted` (the mapping is documented in
+    :func:`clipad.methods.adaptclip.convert_official`)."""
+    from .methods.adaptclip import convert_official
+
+    return convert_official(obj)
+
+
+CONVERTERS: dict[str, Callable[[Any], Converted]] = {"anomalyclip": convert_anomalyclip, "adaptclip": convert_adaptclip}
 
 
 def _resolved_options(method: str, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,9 @@ What a method provides (AnomalyCLIP does; AdaptCLIP and TokenCLIP plug in the sa
 - ``training_loss(images, masks, labels, *, class_names) -> (loss, parts)``: ``images`` [B, 3, S, S]
   CLIP-normalised at the detector's ``image_size``, ``masks`` [B, S, S] float {0, 1}, ``labels``
   [B] long; ``parts`` maps names to detached scalars for the logs;
+- optionally ``training_references``: class attribute, k > 0 normal reference images per query
+  (AdaptCLIP's prompt-query adapter; see :class:`ReferenceSampler`); ``training_loss`` then also
+  receives ``references`` [B, k, 3, S, S] (CLIP-normalised);
 - ``reset_parameters(seed)``: fresh initialisation of the learned tensors (a run that does not
   start from a checkpoint calls it with the training seed);
 - ``learned_state()`` / ``load_learned_state()`` (every :class:`~clipad.methods.base.Detector`).
@@ -136,11 +139,14 @@ def make_optimizer(det, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, lr=config.lr, betas=tuple(config.betas))
 
 
-def train_step(det, optimizer: torch.optim.Optimizer, images, masks, labels, class_names=None) -> tuple[float, dict[str, float]]:
-    """One optimisation step (bf16 autocast on CUDA via the detector's precision) -> (loss, parts)."""
+def train_step(
+    det, optimizer: torch.optim.Optimizer, images, masks, labels, class_names=None, **extra: Any
+) -> tuple[float, dict[str, float]]:
+    """One optimisation step (bf16 autocast on CUDA via the detector's precision) -> (loss, parts).
+    ``extra`` (e.g. ``references``) is passed on to ``training_loss``."""
     optimizer.zero_grad(set_to_none=True)
     with det.autocast():
-        loss, parts = det.training_loss(images, masks, labels, class_names=class_names)
+        loss, parts = det.training_loss(images, masks, labels, class_names=class_names, **extra)
     if not torch.isfinite(loss):
         raise ClipadError(f"training loss is {loss.item()} at this step; lower the learning rate or check the data")
     loss.backward()
@@ -236,6 +242,65 @@ def _check_resumable(info: dict[str, Any], run: dict[str, Any]) -> None:
             )
 
 
+# --------------------------------------------------------------------------- reference images
+
+
+class ReferenceSampler:
+    """k normal reference images for each training query (methods with ``training_references``).
+
+    The official AdaptCLIP ``train.py`` gives every query one normal image of its own class,
+    drawn uniformly (``random.choice``) from the class's training normals (meta.json ``train``:
+    ``train/good`` of MVTec AD, the normal training rows of VisA), in its data-loader workers.
+    Here the draw has the same distribution, with replacement, from a generator seeded by (training
+    seed, step), so a resumed run draws what an uninterrupted one does. A class without training
+    normals (the folder layout) draws from the normal images among the training samples of that
+    class, other than the query itself where there is another.
+
+    Args:
+        pool: normal reference candidates (typically the dataset's ``train`` split normals).
+        samples: the training samples (fallback pool).
+        k: references per query.
+        size: model input size (images are resized as the training images).
+        seed: the training seed.
+    """
+
+    def __init__(self, pool: Sequence, samples: Sequence, k: int, size: int, seed: int) -> None:
+        self.k, self.seed = int(k), int(seed)
+        self.transform = official_image_transform(size)
+        self.pools: dict[str, list] = {}
+        for s in pool:
+            if s.label == 0:
+                self.pools.setdefault(s.class_name, []).append(s)
+        self.fallback: dict[str, list] = {}
+        for s in samples:
+            if s.label == 0 and s.class_name not in self.pools:
+                self.fallback.setdefault(s.class_name, []).append(s)
+
+    def draw(self, batch_samples: Sequence, step: int) -> list[list]:
+        """The k reference samples of each query of the batch at ``step`` (0-based)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(step))
+        out = []
+        for s in batch_samples:
+            pool = self.pools.get(s.class_name)
+            if pool is None:
+                pool = [r for r in self.fallback.get(s.class_name, []) if r.image_path != s.image_path]
+                pool = pool or self.fallback.get(s.class_name, [])
+            if not pool:
+                raise ClipadError(
+                    f"class '{s.class_name}' has no normal image to serve as a training reference; add normal images "
+                    "(a train split or normal samples of that class)"
+                )
+            out.append([pool[int(i)] for i in torch.randint(len(pool), (self.k,), generator=g)])
+        return out
+
+    def load(self, batch_samples: Sequence, step: int) -> torch.Tensor:
+        """[B, k, 3, S, S] float images in [0, 1] (not CLIP-normalised)."""
+        from .imageio import load_image
+
+        picks = self.draw(batch_samples, step)
+        return torch.stack([torch.stack([self.transform(load_image(r.image_path)) for r in refs]) for refs in picks])
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -250,12 +315,17 @@ def fit(
     quiet: bool = False,
     dataset_info: dict[str, Any] | None = None,
     fresh: bool | None = None,
+    reference_pool: Sequence | None = None,
 ) -> TrainResult:
     """Train ``det`` on ``samples`` (:class:`~clipad.data.Sample` records with masks).
 
     ``fresh``: start from ``det.reset_parameters(config.seed)`` (True) or from the detector's
     current learned weights (False, fine-tuning). None: fresh unless ``det.options`` names a
     ``checkpoint``. A resumed run always continues from its last epoch checkpoint.
+
+    ``reference_pool``: normal images the per-query references of a method with
+    ``training_references`` are drawn from (:class:`ReferenceSampler`); default none, i.e. the
+    normal training samples of each class.
     """
     from tqdm import tqdm
 
@@ -292,6 +362,8 @@ def fit(
     if config.max_steps is not None:
         total = min(total, config.max_steps)
     transform = official_image_transform(det.image_size)
+    shots = int(getattr(det, "training_references", 0) or 0)
+    sampler = ReferenceSampler(reference_pool or [], samples, shots, det.image_size, config.seed) if shots else None
     orders = epoch_orders(len(samples), config.seed)
     for _ in range(start_epoch):
         next(orders)
@@ -317,7 +389,10 @@ def fit(
                 images = det.backbone.normalize(batch.images.to(det.device))
                 masks = torch.stack([official_mask(m, det.image_size) for m in batch.masks]).to(det.device)
                 labels = torch.tensor([s.label for s in batch.samples], device=det.device)
-                loss, parts = train_step(det, optimizer, images, masks, labels, [s.class_name for s in batch.samples])
+                extra = {}
+                if sampler is not None:
+                    extra["references"] = det.backbone.normalize(sampler.load(batch.samples, step).to(det.device))
+                loss, parts = train_step(det, optimizer, images, masks, labels, [s.class_name for s in batch.samples], **extra)
                 step += 1
                 losses.append(loss)
                 for k, v in parts.items():
@@ -430,8 +505,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             "anomalous": sum(s.label for s in samples), "classes": list(samples.classes)}
     # --detector FILE or --set checkpoint=FILE: fine-tune from those weights; else a fresh start
     fresh = False if args.detector else None
+    pool = list(dataset.filter(split="train", label=0)) if getattr(det, "training_references", 0) else None
     result = fit(det, list(samples), args.out, config, resume=args.resume, workers=args.workers, quiet=args.quiet,
-                 dataset_info=info, fresh=fresh)
+                 dataset_info=info, fresh=fresh, reference_pool=pool)
     for e in result.epochs:
         print(f"epoch {e['epoch']}: loss {e['loss']:.4f} ({e['steps']} steps)")
     print(f"{result.steps} step(s) -> {result.final_path} (clipad.load_detector / --detector); logs in {args.out}")

@@ -5,5 +5,6 @@ from .registry import get_method, list_methods, register_method
 from . import winclip  # noqa: F401  (registers "winclip")
 from . import anoclip  # noqa: F401
 from . import anomalyclip  # noqa: F401
+from . import adaptclip  # noqa: F401
 
 __all__ = ["Detector", "Prediction", "get_method", "list_methods", "register_method"]

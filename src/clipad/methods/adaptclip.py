@@ -1,0 +1,604 @@
+"""AdaptCLIP (Gao et al., AAAI 2026): three light adapters on a frozen CLIP for zero- and
+few-shot anomaly detection.
+
+Behaviour follows the official code (gaobb/AdaptCLIP @ 354d9e3, ``test.py`` / ``train.py`` as
+``scripts/test_adaptclip.sh`` / ``train_adaptclip.sh`` run them: all three adapters, context
+features, taps 6/12/18/24, 518 px):
+
+- image tower: the DPAM dual path (:mod:`clipad.dualpath`) on the last ``DPAM_layer - 1`` blocks,
+  ``DPAM_layer = round(dpam_layer x depth)`` (20 of 24 blocks for ViT-L/14, 10 of 12 for
+  ViT-B-16+: both official settings are the fraction 5/6); positional embedding interpolated
+  bilinearly (no antialiasing) to the input grid;
+- local tokens: the V-V state after each tap block, ``ln_post`` then ``proj`` (CLS row kept);
+- global feature: the *original* path's final CLS token ``@ proj`` **without** ``ln_post``
+  (official; ``global_ln_post=True`` uses the vanilla CLIP embedding instead);
+- textual adapter: learned prompts "[12 context vectors]." for normal and abnormal
+  (:class:`~clipad.prompt_learning.LearnablePrompts`, no template, no class word), scored against
+  the un-adapted global feature (image logits) and the last tap (map);
+- visual adapter: residual MLPs (d -> d/4 -> d, BatchNorm, ReLU, no biases) on the global feature
+  and on the last tap's tokens, scored against the *static* prompt ensemble of "object"
+  (WinCLIP's 7 normal / 4 abnormal states x 21 templates, mean raw embedding per state);
+- scores of both: ``cos / 0.07``; maps ``softmax`` over (normal, abnormal) on the patch grid,
+  bilinear to the input size, abnormal channel;
+- prompt-query adapter, per tap: unit query and reference tokens, the nearest reference token
+  over all k shots (max cosine) -> alignment score ``1 - cos`` (bilinear to the input size) and
+  the aligned token; joint feature ``q + |q - aligned|`` (``pq_context=False``: ``|q - aligned|``)
+  -> BatchNorm2d of that tap -> segmentation head (softmax, bilinear) and image head on
+  ``(mean + top-10 mean) / 2`` over positions. **One** segmentation head and **one** image head
+  serve all taps (the official ModuleList repeats a single instance); the BatchNorm2d is per tap;
+- fusion (``test.py``): zero-shot map = mean(visual, textual); k-shot map =
+  harmonic_mean(mean(visual, textual, PQ map averaged over taps), harmonic mean over taps of the
+  alignment maps); Gaussian sigma 4 (:mod:`clipad.smoothing`, on the device); image score
+  zero-shot = mean(visual prob, textual prob, max of map), k-shot = harmonic_mean(mean(visual,
+  textual, PQ prob averaged over taps), max of map); NaN / inf -> 0;
+- training (``train.py``): per branch cross-entropy on the image logits + focal + dice(abnormal,
+  mask) + dice(normal, 1 - mask) (:mod:`clipad.losses`), the PQ branch summed over its taps, all
+  summed unweighted, one Adam over all adapters. The released "alternating" learning is this
+  joint step with each modality adapted against the other held fixed (visual adapter vs static
+  text, learned text vs un-adapted image features). ``schedule="alternate"`` (clipad's extension)
+  instead updates the visual and the textual adapter on alternate steps (PQ every step).
+
+Quirk kept by default: the official tower stores a tap *before* the first dual-path block without
+copying it, and that tensor becomes the V-V path's state, to which every dual-path block adds its
+attention output in place; such a tap therefore holds the *final* V-V state. No default ViT-L tap
+is affected (the first dual block is 6, the first tap 6); on ViT-B-16+ (dual from block 4) tap 3
+is, and on ``tiny`` (dual from block 3) tap 2. ``exact_taps=True`` reads the state after the tap
+block itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbone import Backbone
+from ..dualpath import encode_image_dualpath
+from ..errors import ClipadError
+from ..losses import image_cross_entropy, segmentation_loss
+from ..prompt_learning import LearnablePrompts
+from ..smoothing import gaussian_blur
+from ..text import WINCLIP_ANOMALOUS_STATES, WINCLIP_NORMAL_STATES, WINCLIP_TEMPLATES, state_embeddings
+from .base import Detector
+from .registry import register_method
+
+PROMPT_TEXTS = ("{}.", "{}.")  # normal, abnormal: context vectors only, no template
+STATIC_CLASS = "object"  # the official static text never names the class
+PAPER_IMAGE_SIZE = 518
+SCHEDULES = ("released", "alternate")
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def cosine_logits(features: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[..., D] features, [2, D] (normal, abnormal) text -> [..., 2] ``cos / temperature``."""
+    f = F.normalize(features.float(), dim=-1)
+    return f @ F.normalize(text.float(), dim=-1).T / temperature
+
+
+def patch_probability_maps(
+    tokens: torch.Tensor, text: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], temperature: float
+) -> torch.Tensor:
+    """Patch tokens [B, N, D] (no CLS) -> [B, 2, H, W] softmax(cos / temperature) over
+    (normal, abnormal) on the patch grid, bilinear (align_corners=False) to ``size``."""
+    probs = cosine_logits(tokens, text, temperature).softmax(dim=-1)
+    probs = probs.transpose(1, 2).reshape(probs.shape[0], 2, *grid)
+    return F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+
+
+def harmonic_mean(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Elementwise ``n / sum(1 / x)`` of n same-shaped tensors (a zero gives 0, as the official)."""
+    stacked = torch.stack(list(values))
+    return stacked.shape[0] / (1.0 / stacked).sum(dim=0)
+
+
+def nearest_reference(query: torch.Tensor, memory: torch.Tensor, chunk: int = 1 << 26) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest reference token by cosine, one matrix product per chunk of queries.
+
+    Args:
+        query: [B, N, D] unit query tokens.
+        memory: [M, D] unit reference tokens shared by the batch (k shots x N patches), or
+            [B, M, D] one memory per query (training: each query has its own reference).
+        chunk: bound on the B x N x M similarity entries computed at once (memory, not results).
+    Returns:
+        (distance [B, N] = ``1 - max cos``, aligned [B, N, D] the nearest reference tokens).
+    """
+    b, n, d = query.shape
+    per_query = memory.ndim == 3
+    m = memory.shape[-2]
+    step = max(1, chunk // max(1, n * m))
+    dists, aligned = [], []
+    for s in range(0, b, step):
+        q = query[s : s + step]
+        mem = memory[s : s + step] if per_query else memory
+        dist, idx = (1.0 - q @ mem.transpose(-1, -2)).min(dim=-1)  # [b', N]
+        if per_query:
+            near = torch.gather(mem, 1, idx.reshape(q.shape[0], -1, 1).expand(-1, -1, d))
+        else:
+            near = mem[idx]
+        dists.append(dist)
+        aligned.append(near)
+    return torch.cat(dists), torch.cat(aligned)
+
+
+def dual_path_start(depth: int, dpam_layer: float | None) -> int:
+    """1-based first dual-path block for the official ``DPAM_layer`` given as a fraction of the
+    depth: the official code turns blocks -1 .. -(DPAM_layer - 1) into dual paths, so
+    ``DPAM_layer = 20`` of 24 starts at block 6 and ``10`` of 12 at block 4. None -> depth + 1."""
+    if dpam_layer is None:
+        return depth + 1
+    dual = max(0, min(depth, round(float(dpam_layer) * depth)) - 1)
+    return depth - dual + 1
+
+
+def default_image_size(patch: int, target: int = PAPER_IMAGE_SIZE) -> int:
+    """The paper's 518 px where the patch size divides it, else the nearest multiple of the patch."""
+    return target if target % patch == 0 else max(patch, round(target / patch) * patch)
+
+
+# --------------------------------------------------------------------------- adapter modules
+
+
+class ResidualMLP(nn.Module):
+    """``x + fc2(relu(norm(fc1(x))))`` on [..., D], hidden width D // reduction, no biases.
+
+    The BatchNorm1d sees all leading positions as one batch (for tokens: every token of every
+    image, CLS included, as the official code flattens them)."""
+
+    def __init__(self, dim: int, reduction: int) -> None:
+        super().__init__()
+        hidden = dim // reduction
+        if hidden < 1:
+            raise ClipadError(f"adapter reduction {reduction} leaves no hidden units for width {dim}")
+        self.fc1 = nn.Linear(dim, hidden, bias=False)
+        self.norm = nn.BatchNorm1d(hidden)
+        self.fc2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        out = self.fc2(F.relu(self.norm(self.fc1(flat))))
+        return x + out.reshape(x.shape)
+
+
+class TokenAdapter(nn.Module):
+    """The visual adapter: one residual MLP for the global feature, one for the local tokens."""
+
+    def __init__(self, dim: int, reduction: int) -> None:
+        super().__init__()
+        self.global_mlp = ResidualMLP(dim, reduction)
+        self.local_mlp = ResidualMLP(dim, reduction)
+
+
+def segmentation_head(dim: int, mid: int) -> nn.Sequential:
+    """[B, dim, g, g] -> [B, 2, 4g, 4g] logits: conv3x3 (no bias), BN, ReLU, deconv x2,
+    conv3x3 to mid/2 (no bias), BN, ReLU, deconv x2, conv1x1 to 2."""
+    half = mid // 2
+    return nn.Sequential(
+        nn.Conv2d(dim, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
+        nn.ConvTranspose2d(mid, mid, 2, stride=2),
+        nn.Conv2d(mid, half, 3, padding=1, bias=False), nn.BatchNorm2d(half), nn.ReLU(),
+        nn.ConvTranspose2d(half, half, 2, stride=2),
+        nn.Conv2d(half, 2, 1),
+    )
+
+
+def image_head(dim: int, mid: int) -> nn.Sequential:
+    """[B, dim] -> [B, 2] logits: Linear, BN, ReLU, Linear, BN, ReLU, Linear (no biases)."""
+    half = mid // 2
+    return nn.Sequential(
+        nn.Linear(dim, mid, bias=False), nn.BatchNorm1d(mid), nn.ReLU(),
+        nn.Linear(mid, half, bias=False), nn.BatchNorm1d(half), nn.ReLU(),
+        nn.Linear(half, 2, bias=False),
+    )
+
+
+class PromptQueryAdapter(nn.Module):
+    """Compares query tokens with their nearest reference tokens, per tap.
+
+    One BatchNorm2d per tap; a single segmentation head and a single image head shared by all
+    taps (as the official module, whose per-layer list holds one instance).
+    """
+
+    def __init__(self, dim: int, mid: int, taps: int, context: bool = True, topk: int = 10) -> None:
+        super().__init__()
+        if mid < 2:
+            raise ClipadError(f"pq_mid_dim must be >= 2; got {mid}")
+        self.context = bool(context)
+        self.topk = int(topk)
+        self.norms = nn.ModuleList(nn.BatchNorm2d(dim) for _ in range(taps))
+        self.seg_head = segmentation_head(dim, mid)
+        self.image_head = image_head(dim, mid)
+
+    def forward(
+        self, query: list[torch.Tensor], memory: list[torch.Tensor], grid: tuple[int, int], size: tuple[int, int]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Per tap: unit query tokens [B, N, D] and unit memory [M, D] or [B, M, D] ->
+        (image logits [B, 2], segmentation probabilities [B, 2, H, W], alignment maps [B, H, W])."""
+        logits, probs, align = [], [], []
+        for i, (q, mem) in enumerate(zip(query, memory)):
+            b, n, d = q.shape
+            dist, near = nearest_reference(q, mem)
+            align.append(F.interpolate(dist.reshape(b, 1, *grid), size=size, mode="bilinear", align_corners=False)[:, 0])
+            joint = (q + (q - near).abs()) if self.context else (q - near).abs()
+            joint = self.norms[i](joint.transpose(1, 2).reshape(b, d, *grid))
+            seg = self.seg_head(joint).softmax(dim=1)
+            probs.append(F.interpolate(seg, size=size, mode="bilinear", align_corners=False))
+            flat = joint.reshape(b, d, n)
+            pooled = (flat.mean(dim=-1) + flat.topk(min(self.topk, n), dim=-1).values.mean(dim=-1)) / 2.0
+            logits.append(self.image_head(pooled))
+        return logits, probs, align
+
+
+# --------------------------------------------------------------------------- the method
+
+
+@register_method("adaptclip")
+class AdaptCLIP(Detector):
+    """AdaptCLIP: zero-shot with the visual and textual adapters, k-shot with ``set_reference``.
+
+    Options:
+        image_size: model input size; default 518 (the nearest multiple of the patch size where
+            the patch does not divide 518, e.g. 512 on ``tiny`` and ViT-B-16+).
+        taps: V-V layers as fractions of the depth ((0.25, 0.5, 0.75, 1.0) = 6/12/18/24 of 24);
+            the textual and visual adapters use the last one, the PQ adapter all.
+        dpam_layer: the official ``DPAM_layer`` as a fraction of the depth (20/24: the last
+            round(f x depth) - 1 blocks are dual-path); None = no dual path (vanilla tokens).
+        n_ctx: context vectors per learned prompt (12).
+        va_reduction: hidden width divisor of the visual adapter's MLPs (4).
+        pq_mid_dim: first hidden width of the PQ heads (128).
+        pq_context: joint feature ``q + |q - aligned|`` (True, the scripts' ``--pq_context``) or
+            ``|q - aligned|``.
+        temperature: softmax temperature (0.07).
+        sigma: Gaussian smoothing of the map in pixels (4; 0 = none).
+        global_ln_post: apply ``ln_post`` to the global CLS token (False, official).
+        exact_taps: see the module docstring (False, official).
+        schedule: "released" (default, the official joint step) or "alternate" (visual and
+            textual adapters updated on alternate steps; clipad's extension).
+        checkpoint: a clipad ``.safetensors`` holding AdaptCLIP's learned weights (from
+            ``clipad convert --from adaptclip`` or ``clipad train``); None = random adapters.
+    """
+
+    default_backbone = "ViT-L-14-336"
+    default_pretrained = "openai"
+    few_shot = True
+    # the official train.py: Adam(lr 1e-3, betas (0.5, 0.999)), 15 epochs, batch 8, seed 10
+    training_defaults: ClassVar[dict[str, Any]] = {"epochs": 15, "batch_size": 8, "lr": 1e-3, "betas": (0.5, 0.999), "seed": 10}
+    # normal reference images per training query (the official train.py draws one)
+    training_references: ClassVar[int] = 1
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        image_size: int | None = None,
+        precision: str = "auto",
+        taps: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+        dpam_layer: float | None = 20 / 24,
+        n_ctx: int = 12,
+        va_reduction: int = 4,
+        pq_mid_dim: int = 128,
+        pq_context: bool = True,
+        temperature: float = 0.07,
+        sigma: float = 4.0,
+        global_ln_post: bool = False,
+        exact_taps: bool = False,
+        schedule: str = "released",
+        checkpoint: str | None = None,
+    ) -> None:
+        size = default_image_size(backbone.patch_size[0]) if image_size is None else int(image_size)
+        super().__init__(backbone, image_size=size, precision=precision)
+        taps = tuple(float(t) for t in taps)
+        if not taps or any(not 0.0 < t <= 1.0 for t in taps):
+            raise ClipadError(f"taps must be fractions of the depth in (0, 1], e.g. (0.25, 0.5, 0.75, 1.0); got {taps}")
+        if dpam_layer is not None and not 0.0 < float(dpam_layer) <= 1.0:
+            raise ClipadError(f"dpam_layer must be a fraction of the depth in (0, 1] or None; got {dpam_layer}")
+        if temperature <= 0:
+            raise ClipadError(f"temperature must be > 0; got {temperature}")
+        if schedule not in SCHEDULES:
+            raise ClipadError(f"schedule must be one of {', '.join(SCHEDULES)}; got '{schedule}'")
+        self.tap_layers = tuple(backbone.layer_index(t) for t in taps)
+        self.first_vv_block = dual_path_start(backbone.depth, dpam_layer)
+        self.temperature = float(temperature)
+        self.sigma = float(sigma)
+        self.global_ln_post = bool(global_ln_post)
+        self.exact_taps = bool(exact_taps)
+        self.schedule = schedule
+        self._steps = 0  # training steps taken, for schedule="alternate"
+        dim = backbone.embed_dim
+        self.prompts = LearnablePrompts(backbone, PROMPT_TEXTS, n_ctx)
+        self.visual_adapter = TokenAdapter(dim, int(va_reduction))
+        self.pq_adapter = PromptQueryAdapter(dim, int(pq_mid_dim), len(self.tap_layers), context=pq_context)
+        self.reset_parameters(0)
+        if checkpoint is not None:
+            from ..convert import read_learned_weights
+
+            self.load_learned_state(read_learned_weights(checkpoint, self.name))
+
+    # -- learned state -------------------------------------------------------------------------
+    def _learned_tensors(self) -> dict[str, torch.Tensor]:
+        """Parameters and BatchNorm running statistics (``num_batches_tracked`` is not used by
+        BatchNorm with a fixed momentum, so it is not part of the state)."""
+        state = {"prompts.ctx": self.prompts.ctx}
+        for prefix, module in (("visual_adapter", self.visual_adapter), ("pq_adapter", self.pq_adapter)):
+            for k, v in module.state_dict(keep_vars=True).items():
+                if not k.endswith("num_batches_tracked"):
+                    state[f"{prefix}.{k}"] = v
+        return state
+
+    def learned_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self._learned_tensors().items()}
+
+    def load_learned_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = self._learned_tensors()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ClipadError(
+                f"adaptclip learned weights do not fit this detector: missing {missing[:6]}, unexpected {unexpected[:6]} "
+                f"({len(self.tap_layers)} taps; check taps / the checkpoint's method)"
+            )
+        for key, target in own.items():
+            if tuple(state[key].shape) != tuple(target.shape):
+                raise ClipadError(
+                    f"adaptclip learned weight '{key}' has shape {tuple(state[key].shape)}, this detector needs "
+                    f"{tuple(target.shape)} (check n_ctx / va_reduction / pq_mid_dim and the backbone's width)"
+                )
+        with torch.no_grad():
+            for key, target in own.items():
+                target.copy_(state[key].to(target.device, target.dtype))
+        self._text_cache.clear()
+
+    def save(self, path):
+        """As :meth:`Detector.save`, recording ``checkpoint=None``: the learned tensors are in the
+        saved file itself, so the file they first came from need not exist at load time."""
+        recorded = self.options
+        if recorded:
+            self.options = {**recorded, "checkpoint": None}
+        try:
+            return super().save(path)
+        finally:
+            self.options = recorded
+
+    def reset_parameters(self, seed: int) -> None:
+        """Fresh adapters: prompts from N(0, 0.02), layers with PyTorch's default initialisation
+        (as the official modules), BatchNorm statistics reset; all drawn from ``seed``."""
+        self.prompts.reset_parameters(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            for module in (*self.visual_adapter.modules(), *self.pq_adapter.modules()):
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        self._steps = 0
+        self._text_cache.clear()
+
+    # -- features ------------------------------------------------------------------------------
+    def encode_image(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, int]]:
+        """Normalised [B, 3, S, S] -> (global [B, D], projected taps [B, 1 + N, D] each, grid)."""
+        bb = self.backbone
+        first = self.first_vv_block
+        alias = not self.exact_taps and 2 <= first <= bb.depth and (first - 1) in self.tap_layers
+        vv = set(self.tap_layers) | ({bb.depth} if alias else set())
+        feats = encode_image_dualpath(bb, x, first, vv_taps=sorted(vv), orig_taps=(bb.depth,), pos_interp="bilinear")
+        if self.global_ln_post:
+            glob = feats.cls
+        else:
+            cls = feats.orig_taps[bb.depth][:, 0]
+            glob = cls @ bb.visual.proj if bb.visual.proj is not None else cls
+        taps = []
+        for layer in self.tap_layers:
+            state = feats.vv_taps[bb.depth] if alias and layer == first - 1 else feats.vv_taps[layer]
+            taps.append(bb.project(state))
+        return glob, taps, feats.grid
+
+    def static_text(self) -> torch.Tensor:
+        """[2, D] (normal, abnormal) mean raw embeddings of the static prompt ensemble (cached)."""
+
+        def compute() -> torch.Tensor:
+            with torch.autocast(self.device.type, enabled=False):
+                return state_embeddings(
+                    self.backbone, STATIC_CLASS, (WINCLIP_NORMAL_STATES, WINCLIP_ANOMALOUS_STATES), WINCLIP_TEMPLATES
+                )
+
+        return self.cached_text("adaptclip-static", compute)
+
+    def learned_text(self) -> torch.Tensor:
+        """[2, D] (normal, abnormal) embeddings of the learned prompts (cached at inference)."""
+
+        def compute() -> torch.Tensor:
+            with torch.autocast(self.device.type, enabled=False):
+                return self.prompts(self.backbone).float()
+
+        return self.cached_text("adaptclip-learned", compute)
+
+    @staticmethod
+    def _unit_patches(tokens: torch.Tensor) -> torch.Tensor:
+        """Projected tap [B, 1 + N, D] -> unit patch tokens [B, N, D] (normalised, then CLS dropped)."""
+        return F.normalize(tokens.float(), dim=-1)[:, 1:]
+
+    def encode_reference(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Normal images [K, 3, S, S] -> per tap the unit patch tokens of all K shots [K * N, D]."""
+        _, taps, _ = self.encode_image(x)
+        memory = {f"tap_{i}": self._unit_patches(t).reshape(-1, t.shape[-1]) for i, t in enumerate(taps)}
+        memory["shots"] = torch.tensor(x.shape[0])
+        return memory
+
+    # -- the three branches --------------------------------------------------------------------
+    def _branches(
+        self, glob: torch.Tensor, taps: list[torch.Tensor], grid: tuple[int, int], text: torch.Tensor
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """-> {"visual": (logits [B, 2], probs [B, 2, S, S]), "textual": (...)}."""
+        size, t = self.model_size, self.temperature
+        static = self.static_text()
+        va = self.visual_adapter
+        g = va.global_mlp(glob.float())
+        local = va.local_mlp(taps[-1].float())  # CLS row included, as the official BatchNorm batch
+        visual = (cosine_logits(g, static, t), patch_probability_maps(local[:, 1:], static, grid, size, t))
+        textual = (cosine_logits(glob, text, t), patch_probability_maps(taps[-1][:, 1:], text, grid, size, t))
+        return {"visual": visual, "textual": textual}
+
+    def score_batch(self, x, class_name, reference):
+        text = self.learned_text()
+        glob, taps, grid = self.encode_image(x)
+        with torch.autocast(self.device.type, enabled=False):
+            out = self._branches(glob, taps, grid, text)
+            (gv, mv), (gt, mt) = out["visual"], out["textual"]
+            p_v, p_t = gv.softmax(-1)[:, 1], gt.softmax(-1)[:, 1]
+            if reference is None:
+                maps = gaussian_blur(torch.stack([mv[:, 1], mt[:, 1]]).mean(dim=0), self.sigma)
+                scores = torch.stack([p_v, p_t, maps.flatten(1).amax(dim=1)]).mean(dim=0)
+            else:
+                memory = [reference[f"tap_{i}"].float() for i in range(len(taps))]
+                logits, probs, align = self.pq_adapter([self._unit_patches(t) for t in taps], memory, grid, self.model_size)
+                m_pq = torch.stack([p[:, 1] for p in probs]).mean(dim=0)
+                p_pq = torch.stack([lg.softmax(-1) for lg in logits]).mean(dim=0)[:, 1]
+                maps = harmonic_mean([torch.stack([mv[:, 1], mt[:, 1], m_pq]).mean(dim=0), harmonic_mean(align)])
+                maps = gaussian_blur(maps, self.sigma)
+                scores = harmonic_mean([torch.stack([p_v, p_t, p_pq]).mean(dim=0), maps.flatten(1).amax(dim=1)])
+        return scores.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0), maps.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+    # -- training interface (clipad.train) -----------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [*self.prompts.parameters(), *self.visual_adapter.parameters(), *self.pq_adapter.parameters()]
+
+    def training_loss(
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        references: torch.Tensor | None = None,
+        **_: Any,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One batch's loss, as the official ``train.py`` with all three adapters.
+
+        Args:
+            images: [B, 3, S, S] CLIP-normalised images at ``image_size``.
+            masks: [B, S, S] {0, 1} anomaly masks (float).
+            labels: [B] 0 normal / 1 anomalous.
+            references: [B, R, 3, S, S] CLIP-normalised normal images of each query's class
+                (R = ``training_references`` = 1 officially); None trains without the PQ branch.
+        Returns:
+            (loss, parts): the scalar to minimise and detached per-branch terms
+            ``<branch>_ce`` and ``<branch>_local`` (focal + both Dice; PQ summed over taps).
+        """
+        self._text_cache.clear()
+        labels = labels.to(images.device)
+        masks = masks.to(images.device, torch.float32)
+        with torch.no_grad():
+            glob, taps, grid = self.encode_image(images)
+            if references is not None:
+                b, r = references.shape[:2]
+                _, ref_taps, _ = self.encode_image(references.reshape(b * r, *references.shape[2:]))
+        branches = ["visual", "textual"]
+        if self.schedule == "alternate":
+            branches = [branches[self._steps % 2]]
+        self._steps += 1
+        static_only = "textual" not in branches
+        text = None if static_only else self.prompts(self.backbone).float()
+        size, t = self.model_size, self.temperature
+        parts: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=images.device)
+
+        def add(name: str, ce: torch.Tensor, probs: list[torch.Tensor]) -> None:
+            nonlocal total
+            local = torch.zeros((), device=images.device)
+            for p in probs:
+                focal, dice_a, dice_n = segmentation_loss(p, masks)
+                local = local + focal + dice_a + dice_n
+            total = total + local + ce
+            parts[f"{name}_ce"], parts[f"{name}_local"] = ce.detach(), local.detach()
+
+        if "visual" in branches:
+            static = self.static_text()
+            va = self.visual_adapter
+            local = va.local_mlp(taps[-1].float())
+            logits = cosine_logits(va.global_mlp(glob.float()), static, t)
+            add("visual", image_cross_entropy(logits, labels), [patch_probability_maps(local[:, 1:], static, grid, size, t)])
+        if "textual" in branches:
+            logits = cosine_logits(glob, text, t)
+            add("textual", image_cross_entropy(logits, labels), [patch_probability_maps(taps[-1][:, 1:], text, grid, size, t)])
+        if references is not None:
+            query = [self._unit_patches(q) for q in taps]
+            memory = [self._unit_patches(m).reshape(b, -1, m.shape[-1]) for m in ref_taps]
+            logits, probs, _ = self.pq_adapter(query, memory, grid, size)
+            add("pq", torch.stack([image_cross_entropy(lg, labels) for lg in logits]).sum(), probs)
+        return total, parts
+
+
+# --------------------------------------------------------------------------- official checkpoints
+
+_OFFICIAL_LEARNERS = ("textual_learner", "visual_learner", "pq_learner")
+
+
+def convert_official(obj: Any):
+    """An official AdaptCLIP checkpoint (``{"textual_learner", "visual_learner", "pq_learner"}``
+    state dicts, as ``train.py`` saves them) -> :class:`clipad.convert.Converted`.
+
+    Mapping: ``ctx_pos`` / ``ctx_neg`` [1, 1, n_ctx, W] -> ``prompts.ctx`` [2, n_ctx, W];
+    ``{global_adapter,local_adater}.fc.{0,1,3}`` -> ``visual_adapter.{global,local}_mlp.{fc1,norm,fc2}``;
+    ``sharebn.<i>`` -> ``pq_adapter.norms.<i>``; ``local_adapter.0.<j>`` / ``global_adapter.0.<j>``
+    -> ``pq_adapter.seg_head.<j>`` / ``pq_adapter.image_head.<j>`` (entries 1.. of those lists are
+    the same module and must be equal). Dropped: the prompt buffers ``token_prefix_*``,
+    ``token_suffix_*``, ``tokenized_prompts_*`` (clipad recomputes them) and BatchNorm
+    ``num_batches_tracked``.
+    """
+    from ..convert import Converted
+
+    if not isinstance(obj, dict) or not all(k in obj for k in _OFFICIAL_LEARNERS):
+        found = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise ClipadError(f"not an AdaptCLIP checkpoint: expected a dict with {list(_OFFICIAL_LEARNERS)}, found {found}")
+    tl, vl, pq = (obj[k] for k in _OFFICIAL_LEARNERS)
+    for key in ("ctx_pos", "ctx_neg"):
+        if key not in tl:
+            raise ClipadError(f"AdaptCLIP checkpoint has no '{key}' in its textual_learner (keys: {sorted(tl)[:8]})")
+    pos, neg = tl["ctx_pos"].float(), tl["ctx_neg"].float()
+    if pos.shape != neg.shape or pos.ndim != 4 or pos.shape[0] * pos.shape[1] != 1:
+        raise ClipadError(f"AdaptCLIP ctx_pos/ctx_neg must both be [1, 1, n_ctx, width]; got {tuple(pos.shape)} and {tuple(neg.shape)}")
+    n_ctx, width = pos.shape[-2:]
+    learned = {"prompts.ctx": torch.cat([pos.reshape(1, n_ctx, width), neg.reshape(1, n_ctx, width)])}
+    dropped = [f"textual_learner.{k}" for k in tl if k not in ("ctx_pos", "ctx_neg")]
+
+    def put(target: str, value: torch.Tensor, source: str) -> None:
+        if source.endswith("num_batches_tracked"):
+            dropped.append(source)
+        else:
+            learned[target] = value.float()
+
+    renames = {"0": "fc1", "1": "norm", "3": "fc2"}
+    for key, value in vl.items():
+        branch, _, index, *rest = key.split(".")  # e.g. global_adapter.fc.1.running_mean
+        mlp = {"global_adapter": "global_mlp", "local_adater": "local_mlp"}.get(branch)
+        if mlp is None or index not in renames:
+            raise ClipadError(f"unexpected key 'visual_learner.{key}' in the AdaptCLIP checkpoint")
+        put(f"visual_adapter.{mlp}.{renames[index]}.{'.'.join(rest)}", value, f"visual_learner.{key}")
+    for key, value in pq.items():
+        head, copy, *rest = key.split(".")
+        if head == "sharebn":
+            put(f"pq_adapter.norms.{copy}.{'.'.join(rest)}", value, f"pq_learner.{key}")
+        elif head in ("local_adapter", "global_adapter"):
+            first = pq[".".join([head, "0", *rest])]
+            if not torch.equal(first, value):
+                raise ClipadError(
+                    f"pq_learner.{key} differs from entry 0 of its list: the official heads are one shared module"
+                )
+            if copy == "0":
+                name = "seg_head" if head == "local_adapter" else "image_head"
+                put(f"pq_adapter.{name}.{'.'.join(rest)}", value, f"pq_learner.{key}")
+        else:
+            raise ClipadError(f"unexpected key 'pq_learner.{key}' in the AdaptCLIP checkpoint")
+    try:
+        hidden, dim = learned["visual_adapter.global_mlp.fc1.weight"].shape
+        mid = int(learned["pq_adapter.seg_head.0.weight"].shape[0])
+    except KeyError as exc:
+        raise ClipadError(f"AdaptCLIP checkpoint lacks {exc}") from None
+    layers = len({k.split(".")[2] for k in learned if k.startswith("pq_adapter.norms.")})
+    options: dict[str, Any] = {"n_ctx": int(n_ctx), "va_reduction": int(dim // hidden), "pq_mid_dim": mid}
+    if layers != 4:
+        options["taps"] = tuple((i + 1) / layers for i in range(layers))
+    notes = sorted({k for k in dropped if not k.endswith("num_batches_tracked")})
+    if any(k.endswith("num_batches_tracked") for k in dropped):
+        notes.append("*.num_batches_tracked")
+    return Converted("adaptclip", {k: v.contiguous() for k, v in learned.items()}, options, notes, default_image_size(14))

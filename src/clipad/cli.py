@@ -47,6 +47,8 @@ def add_model_args(p: argparse.ArgumentParser, multi_method: bool = False) -> No
     g.add_argument("--image-size", type=int, default=None, help="model input size in pixels (default: the method's)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     g.add_argument("--batch-size", type=int, default=8, help="images per model call (default: 8)")
+    g.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="learned weights of a trained method (.safetensors from `clipad train` or `clipad convert`)")
     g.add_argument("--tta", action="store_true", help="anoclip: test-time adaptation of its adapter (AnoCLIP+)")
     g.add_argument("--domain", default=None, help="anoclip: prompt domain (object, texture, medical; default: from the class name)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -61,6 +63,8 @@ def method_options(args: argparse.Namespace) -> dict:
     from .errors import ClipadError
 
     opts: dict = {}
+    if getattr(args, "checkpoint", None):
+        opts["checkpoint"] = args.checkpoint
     if getattr(args, "tta", False):
         opts["tta"] = True
     if getattr(args, "domain", None):

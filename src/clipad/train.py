@@ -9,6 +9,7 @@ What a method provides (AnomalyCLIP does; AdaptCLIP and TokenCLIP plug in the sa
 - ``training_loss(images, masks, labels, *, class_names) -> (loss, parts)``: ``images`` [B, 3, S, S]
   CLIP-normalised at the detector's ``image_size``, ``masks`` [B, S, S] float {0, 1}, ``labels``
   [B] long; ``parts`` maps names to detached scalars for the logs;
+- optionally ``min_train_batch``: class attribute; smaller batches (a final batch of one) are skipped
 - optionally ``training_references``: class attribute, k > 0 normal reference images per query
   (AdaptCLIP's prompt-query adapter; see :class:`ReferenceSampler`); ``training_loss`` then also
   receives ``references`` [B, k, 3, S, S] (CLIP-normalised);
@@ -363,6 +364,7 @@ def fit(
         total = min(total, config.max_steps)
     transform = official_image_transform(det.image_size)
     shots = int(getattr(det, "training_references", 0) or 0)
+    min_batch = int(getattr(det, "min_train_batch", 1))
     sampler = ReferenceSampler(reference_pool or [], samples, shots, det.image_size, config.seed) if shots else None
     orders = epoch_orders(len(samples), config.seed)
     for _ in range(start_epoch):
@@ -385,6 +387,11 @@ def fit(
                     failures.append(str(fail))
                     bar.write(f"clipad: {fail}", file=sys.stderr)
                 if not len(batch):
+                    continue
+                if len(batch) < min_batch:
+                    # BatchNorm in training mode needs two samples; the official loop crashes here
+                    bar.write(f"clipad: a batch of {len(batch)} image(s) is skipped: '{det.name}' trains "
+                              f"BatchNorm layers, which need at least {min_batch} per batch", file=sys.stderr)
                     continue
                 images = det.backbone.normalize(batch.images.to(det.device))
                 masks = torch.stack([official_mask(m, det.image_size) for m in batch.masks]).to(det.device)

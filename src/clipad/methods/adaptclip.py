@@ -269,6 +269,7 @@ class AdaptCLIP(Detector):
     training_defaults: ClassVar[dict[str, Any]] = {"epochs": 15, "batch_size": 8, "lr": 1e-3, "betas": (0.5, 0.999), "seed": 10}
     # normal reference images per training query (the official train.py draws one)
     training_references: ClassVar[int] = 1
+    min_train_batch: ClassVar[int] = 2  # BatchNorm1d of the image head needs two samples when training
 
     def __init__(
         self,

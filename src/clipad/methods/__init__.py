@@ -6,5 +6,6 @@ from . import winclip  # noqa: F401  (registers "winclip")
 from . import anoclip  # noqa: F401
 from . import anomalyclip  # noqa: F401
 from . import adaptclip  # noqa: F401
+from . import tokenclip  # noqa: F401
 
 __all__ = ["Detector", "Prediction", "get_method", "list_methods", "register_method"]

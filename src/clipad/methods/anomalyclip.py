@@ -167,13 +167,13 @@ class AnomalyCLIP(Detector):
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
             raise ClipadError(
-                f"anomalyclip learned weights do not fit this detector: missing {missing}, unexpected {unexpected} "
+                f"{self.name} learned weights do not fit this detector: missing {missing}, unexpected {unexpected} "
                 f"(n_ctx={self.prompts.n_ctx}, {self.prompts.n_deep} deep prompt sets)"
             )
         for key, target in own.items():
             if tuple(state[key].shape) != tuple(target.shape):
                 raise ClipadError(
-                    f"anomalyclip learned weight '{key}' has shape {tuple(state[key].shape)}, this detector needs "
+                    f"{self.name} learned weight '{key}' has shape {tuple(state[key].shape)}, this detector needs "
                     f"{tuple(target.shape)} (check n_ctx / deep_depth / deep_length and the backbone's text width)"
                 )
         with torch.no_grad():

@@ -233,12 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_parser
     from .convert import add_convert_parser
     from .evaluate import add_eval_parser
+    from .serve import add_serve_parser
     from .train import add_train_parser
 
     add_eval_parser(sub, add_model_args)
     add_train_parser(sub, add_model_args)
     add_convert_parser(sub)
     add_bench_parser(sub)
+    add_serve_parser(sub, add_model_args)
     return parser
 
 

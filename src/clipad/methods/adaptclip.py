@@ -334,34 +334,10 @@ class AdaptCLIP(Detector):
         return {k: v.detach() for k, v in self._learned_tensors().items()}
 
     def load_learned_state(self, state: dict[str, torch.Tensor]) -> None:
-        own = self._learned_tensors()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ClipadError(
-                f"adaptclip learned weights do not fit this detector: missing {missing[:6]}, unexpected {unexpected[:6]} "
-                f"({len(self.tap_layers)} taps; check taps / the checkpoint's method)"
-            )
-        for key, target in own.items():
-            if tuple(state[key].shape) != tuple(target.shape):
-                raise ClipadError(
-                    f"adaptclip learned weight '{key}' has shape {tuple(state[key].shape)}, this detector needs "
-                    f"{tuple(target.shape)} (check n_ctx / va_reduction / pq_mid_dim and the backbone's width)"
-                )
-        with torch.no_grad():
-            for key, target in own.items():
-                target.copy_(state[key].to(target.device, target.dtype))
-        self._text_cache.clear()
-
-    def save(self, path):
-        """As :meth:`Detector.save`, recording ``checkpoint=None``: the learned tensors are in the
-        saved file itself, so the file they first came from need not exist at load time."""
-        recorded = self.options
-        if recorded:
-            self.options = {**recorded, "checkpoint": None}
-        try:
-            return super().save(path)
-        finally:
-            self.options = recorded
+        self.copy_learned(
+            self._learned_tensors(), state,
+            f"{len(self.tap_layers)} taps, n_ctx / va_reduction / pq_mid_dim, the backbone's width and the checkpoint's method",
+        )
 
     def reset_parameters(self, seed: int) -> None:
         """Fresh adapters: prompts from N(0, 0.02), layers with PyTorch's default initialisation

@@ -164,33 +164,11 @@ class AnomalyCLIP(Detector):
         deep = state.get("prompts.deep")
         if deep is not None and "prompts.deep" in own and deep.shape[0] > own["prompts.deep"].shape[0]:
             state = {**state, "prompts.deep": deep[: own["prompts.deep"].shape[0]]}
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ClipadError(
-                f"{self.name} learned weights do not fit this detector: missing {missing}, unexpected {unexpected} "
-                f"(n_ctx={self.prompts.n_ctx}, {self.prompts.n_deep} deep prompt sets)"
-            )
-        for key, target in own.items():
-            if tuple(state[key].shape) != tuple(target.shape):
-                raise ClipadError(
-                    f"{self.name} learned weight '{key}' has shape {tuple(state[key].shape)}, this detector needs "
-                    f"{tuple(target.shape)} (check n_ctx / deep_depth / deep_length and the backbone's text width)"
-                )
-        with torch.no_grad():
-            for key, target in own.items():
-                target.copy_(state[key].to(target.device, target.dtype))
-        self._text_cache.clear()
-
-    def save(self, path):
-        """As :meth:`Detector.save`, recording ``checkpoint=None``: the learned tensors are in
-        the saved file itself, so the file they first came from need not exist at load time."""
-        recorded = self.options
-        if recorded:
-            self.options = {**recorded, "checkpoint": None}
-        try:
-            return super().save(path)
-        finally:
-            self.options = recorded
+        self.copy_learned(
+            own, state,
+            f"n_ctx={self.prompts.n_ctx}, {self.prompts.n_deep} deep prompt sets, deep_depth / deep_length and the "
+            "backbone's text width",
+        )
 
     def reset_parameters(self, seed: int) -> None:
         """Redraw the prompts from N(0, 0.02) with ``seed`` (a fresh training run)."""

@@ -83,6 +83,26 @@ class Detector(nn.Module):
         """Learned tensors that a checkpoint must hold (none for training-free methods)."""
         return {}
 
+    def copy_learned(self, own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], hint: str) -> None:
+        """Check ``state`` against the detector's own learned tensors ``own`` (same names, same
+        shapes; ``hint`` names the options that shape them) and copy it in."""
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ClipadError(
+                f"{self.name} learned weights do not fit this detector: missing {missing[:6]}, "
+                f"unexpected {unexpected[:6]} ({hint})"
+            )
+        for key, target in own.items():
+            if tuple(state[key].shape) != tuple(target.shape):
+                raise ClipadError(
+                    f"{self.name} learned weight '{key}' has shape {tuple(state[key].shape)}, this detector "
+                    f"needs {tuple(target.shape)} (check {hint})"
+                )
+        with torch.no_grad():
+            for key, target in own.items():
+                target.copy_(state[key].to(target.device, target.dtype))
+        self._text_cache.clear()
+
     def load_learned_state(self, state: dict[str, torch.Tensor]) -> None:
         if state:
             raise ClipadError(f"method '{self.name}' has no learned tensors, but the checkpoint holds {sorted(state)[:5]}")
@@ -184,7 +204,16 @@ class Detector(nn.Module):
         return int(ref["shots"].item()) if ref and "shots" in ref else 0
 
     def save(self, path: str | Path) -> Path:
-        """Write learned tensors, references and the configuration to one ``.safetensors`` file."""
+        """Write learned tensors, references and the configuration to one ``.safetensors`` file.
+
+        A ``checkpoint`` option is recorded as None: the learned tensors are in the saved file
+        itself, so the file they first came from need not exist at load time."""
         from ..checkpoint import save_detector
 
-        return save_detector(self, path)
+        recorded = self.options
+        if recorded.get("checkpoint") is not None:
+            self.options = {**recorded, "checkpoint": None}
+        try:
+            return save_detector(self, path)
+        finally:
+            self.options = recorded

@@ -222,6 +222,13 @@ class Backbone(nn.Module):
         """A depth-relative layer choice: fraction 0.5 of a 24-block tower -> block 12."""
         return max(1, min(self.depth, round(fraction * self.depth)))
 
+    def tap_layers(self, fractions) -> tuple[int, ...]:
+        """Depth fractions (e.g. (0.25, 0.5, 0.75, 1.0) = blocks 6/12/18/24 of 24) -> 1-based blocks."""
+        taps = tuple(float(t) for t in fractions)
+        if not taps or any(not 0.0 < t <= 1.0 for t in taps):
+            raise ClipadError(f"taps must be fractions of the depth in (0, 1], e.g. (0.25, 0.5, 0.75, 1.0); got {taps}")
+        return tuple(self.layer_index(t) for t in taps)
+
     # -- image tower ---------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [0, 1] -> CLIP-normalised."""

@@ -128,14 +128,11 @@ class AnomalyCLIP(Detector):
     ) -> None:
         size = default_image_size(backbone.patch_size[0]) if image_size is None else int(image_size)
         super().__init__(backbone, image_size=size, precision=precision)
-        taps = tuple(float(t) for t in taps)
-        if not taps or any(not 0.0 < t <= 1.0 for t in taps):
-            raise ClipadError(f"taps must be fractions of the depth in (0, 1], e.g. (0.25, 0.5, 0.75, 1.0); got {taps}")
         if dpam_start is not None and not 0.0 < float(dpam_start) <= 1.0:
             raise ClipadError(f"dpam_start must be a fraction of the depth in (0, 1] or None; got {dpam_start}")
         if temperature <= 0:
             raise ClipadError(f"temperature must be > 0; got {temperature}")
-        self.tap_layers = tuple(backbone.layer_index(t) for t in taps)
+        self.tap_layers = backbone.tap_layers(taps)
         self.first_vv_block = backbone.depth + 1 if dpam_start is None else backbone.layer_index(float(dpam_start))
         self.temperature = float(temperature)
         self.sigma = float(sigma)

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 import clipad
+from _helpers import random_images, report_max_diff, tiny_detector
 from clipad import ClipadError
 from clipad import train as training
 from clipad.backbone import OPENAI_MEAN, OPENAI_STD, Backbone, _load_into
@@ -44,20 +45,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(**options) -> AdaptCLIP:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*randomly initialised.*")
-        return clipad.create_detector("adaptclip", backbone="tiny", pretrained=None, device="cpu", **options)
+    return tiny_detector("adaptclip", **options)
 
 
 def _images(n: int, size: int = SIZE, seed: int = 0) -> torch.Tensor:
-    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return random_images(n, size, seed=seed)
 
 
 def _report(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    assert ours.shape == theirs.shape, (name, ours.shape, theirs.shape)
-    diff = (ours.float() - theirs.float()).abs().max().item()
-    print(f"adaptclip fidelity: {name}: max |diff| {diff:.2e}")
-    return diff
+    return report_max_diff("adaptclip", name, ours, theirs)
 
 
 # =========================================================================== fixtures

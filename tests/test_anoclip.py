@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import clipad
+from _helpers import random_images, report_max_diff, tiny_detector
 from clipad import ClipadError
 from clipad.backbone import OPENAI_MEAN, OPENAI_STD, Backbone
 from clipad.dualpath import encode_image_dualpath, first_block_of_last
@@ -35,30 +36,19 @@ ATOL = 1e-4
 SIZE = 64  # tiny at 64 px: a 4x4 patch grid keeps property tests fast
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small tensors gain nothing from intra-op threads on a busy 2-core runner; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(**options) -> AnoCLIP:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*randomly initialised.*")
-        return clipad.create_detector("anoclip", backbone="tiny", pretrained=None, device="cpu", **options)
+    return tiny_detector("anoclip", **options)
 
 
 def _images(n: int, h: int = SIZE, w: int = SIZE, seed: int = 0) -> torch.Tensor:
-    return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
+    return random_images(n, h, w, seed)
 
 
 def _report(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    assert ours.shape == theirs.shape, (name, ours.shape, theirs.shape)
-    diff = (ours.float() - theirs.float()).abs().max().item()
-    print(f"anoclip fidelity: {name}: max |diff| {diff:.2e}")
-    return diff
+    return report_max_diff("anoclip", name, ours, theirs)
 
 
 # =========================================================================== fixtures

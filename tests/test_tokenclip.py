@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clipad
+from _helpers import random_images, tiny_detector
 from clipad import ClipadError, UnknownNameError, ot
 from clipad import train as training
 from clipad.methods.tokenclip import (
@@ -37,13 +38,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(method: str = "tokenclip", **options):
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*randomly initialised.*")
-        return clipad.create_detector(method, backbone="tiny", pretrained=None, device="cpu", image_size=SIZE, **options)
+    return tiny_detector(method, image_size=SIZE, **options)
 
 
 def _images(n: int, size: int = SIZE, seed: int = 0) -> torch.Tensor:
-    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return random_images(n, size, seed=seed)
 
 
 def _correlated_pairs(k: int, d: int, seed: int = 0) -> torch.Tensor:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 import clipad
 
@@ -27,3 +30,23 @@ def report_max_diff(method: str, name: str, ours: torch.Tensor, theirs: torch.Te
     diff = (ours.float() - theirs.float()).abs().max().item()
     print(f"{method} fidelity: {name}: max |diff| {diff:.2e}")
     return diff
+
+
+def write_folder_dataset(root: Path, n_normal: int = 6, n_abnormal: int = 6, size: int = 48, seed: int = 0) -> None:
+    """A folder-layout dataset (good/, bad/, masks/) of smooth noise images; anomalous ones carry
+    a bright square, with its mask."""
+    rng = np.random.default_rng(seed)
+    for d in ("good", "bad", "masks"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for i in range(n_normal + n_abnormal):
+        img = (rng.random((size // 8, size // 8, 3)) * 120 + 60).astype(np.uint8)
+        img = np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC)).copy()
+        if i < n_normal:
+            Image.fromarray(img).save(root / "good" / f"{i:02d}.png")
+            continue
+        y, x = rng.integers(4, size - 20, size=2)
+        img[y : y + 16, x : x + 16] = 255
+        mask = np.zeros((size, size), np.uint8)
+        mask[y : y + 16, x : x + 16] = 255
+        Image.fromarray(img).save(root / "bad" / f"{i:02d}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{i:02d}.png")

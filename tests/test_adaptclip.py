@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 import clipad
-from _helpers import random_images, report_max_diff, tiny_detector
+from _helpers import random_images, report_max_diff, tiny_detector, write_folder_dataset
 from clipad import ClipadError
 from clipad import train as training
 from clipad.backbone import OPENAI_MEAN, OPENAI_STD, Backbone, _load_into
@@ -442,26 +442,6 @@ def test_convert_round_trip(tiny, tmp_path):
 # =========================================================================== training loop and CLI
 
 
-def _write_folder_dataset(root: Path, n_normal: int = 6, n_abnormal: int = 6, size: int = 48, seed: int = 0) -> None:
-    """Smooth noise images; anomalous ones carry a bright square, with its mask."""
-    rng = np.random.default_rng(seed)
-    for d in ("good", "bad", "masks"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    for i in range(n_normal + n_abnormal):
-        img = (rng.random((size // 8, size // 8, 3)) * 120 + 60).astype(np.uint8)
-        img = np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
-        if i < n_normal:
-            Image.fromarray(img).save(root / "good" / f"{i:02d}.png")
-            continue
-        img = img.copy()
-        y, x = rng.integers(4, size - 20, size=2)
-        img[y : y + 16, x : x + 16] = 255
-        mask = np.zeros((size, size), np.uint8)
-        mask[y : y + 16, x : x + 16] = 255
-        Image.fromarray(img).save(root / "bad" / f"{i:02d}.png")
-        Image.fromarray(mask).save(root / "masks" / f"{i:02d}.png")
-
-
 def test_reference_sampler_draws_same_class_normals(tmp_path):
     from clipad.data import Sample
 
@@ -489,7 +469,7 @@ def _train_cli(argv: list[str]) -> int:
 
 def test_smoke_training_loss_decreases_then_predict(tmp_path):
     root = tmp_path / "data"
-    _write_folder_dataset(root)
+    write_folder_dataset(root)
     out = tmp_path / "run"
     argv = ["train", "--method", "adaptclip", "--backbone", "tiny", "--pretrained", "none", "--dataset", "folder",
             "--root", str(root), "--normal-dir", "good", "--abnormal-dir", "bad", "--mask-dir", "masks",

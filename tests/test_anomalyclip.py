@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 import clipad
-from _helpers import random_images, report_max_diff, tiny_detector
+from _helpers import random_images, report_max_diff, tiny_detector, write_folder_dataset
 from clipad import ClipadError
 from clipad import train as training
 from clipad.backbone import OPENAI_MEAN, OPENAI_STD, Backbone, _load_into
@@ -360,26 +360,6 @@ def test_deep_prompts_matter_and_get_gradients(tiny):
 # =========================================================================== training loop
 
 
-def _write_folder_dataset(root: Path, n_normal: int = 6, n_abnormal: int = 6, size: int = 48, seed: int = 0) -> None:
-    """Smooth noise images; anomalous ones carry a bright square, with its mask."""
-    rng = np.random.default_rng(seed)
-    for d in ("good", "bad", "masks"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    for i in range(n_normal + n_abnormal):
-        img = (rng.random((size // 8, size // 8, 3)) * 120 + 60).astype(np.uint8)
-        img = np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
-        if i < n_normal:
-            Image.fromarray(img).save(root / "good" / f"{i:02d}.png")
-            continue
-        img = img.copy()
-        y, x = rng.integers(4, size - 20, size=2)
-        img[y : y + 16, x : x + 16] = 255
-        mask = np.zeros((size, size), np.uint8)
-        mask[y : y + 16, x : x + 16] = 255
-        Image.fromarray(img).save(root / "bad" / f"{i:02d}.png")
-        Image.fromarray(mask).save(root / "masks" / f"{i:02d}.png")
-
-
 def _train_cli(argv: list[str]) -> int:
     """``clipad train`` through its own parser (the CLI registers it the same way)."""
     from clipad.cli import add_model_args
@@ -400,7 +380,7 @@ def _losses(out: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def folder_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("folder")
-    _write_folder_dataset(root)
+    write_folder_dataset(root)
     return root
 
 

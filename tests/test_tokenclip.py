@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clipad
-from _helpers import random_images, tiny_detector
+from _helpers import random_images, tiny_detector, write_folder_dataset
 from clipad import ClipadError, UnknownNameError, ot
 from clipad import train as training
 from clipad.methods.tokenclip import (
@@ -303,32 +303,13 @@ def test_learned_subspaces_round_trip(tmp_path):
         _build(n_subspaces=4, checkpoint=str(path))
 
 
-def _write_folder_dataset(root: Path, n: int = 6, size: int = 48, seed: int = 0) -> None:
-    """Smooth noise images; anomalous ones carry a bright square, with its mask."""
-    rng = np.random.default_rng(seed)
-    for d in ("good", "bad", "masks"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    for i in range(2 * n):
-        img = (rng.random((size // 8, size // 8, 3)) * 120 + 60).astype(np.uint8)
-        img = np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC)).copy()
-        if i < n:
-            Image.fromarray(img).save(root / "good" / f"{i:02d}.png")
-            continue
-        y, x = rng.integers(4, size - 20, size=2)
-        img[y : y + 16, x : x + 16] = 255
-        mask = np.zeros((size, size), np.uint8)
-        mask[y : y + 16, x : x + 16] = 255
-        Image.fromarray(img).save(root / "bad" / f"{i:02d}.png")
-        Image.fromarray(mask).save(root / "masks" / f"{i:02d}.png")
-
-
 def test_smoke_training_loss_decreases(tmp_path):
     """``clipad train --method tokenclip`` on generated data: the loss falls, the subspaces stay
     orthogonal, and the result loads back."""
     from clipad.cli import add_model_args
 
     root, out = tmp_path / "data", tmp_path / "run"
-    _write_folder_dataset(root)
+    write_folder_dataset(root)
     parser = argparse.ArgumentParser(prog="clipad")
     training.add_train_parser(parser.add_subparsers(dest="command"), add_model_args)
     args = parser.parse_args([

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import statistics
-import time
 import warnings
 from typing import Callable
 
@@ -25,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from clipad import metrics as M
+from clipad.bench import measure
 
 
 def synthetic_eval(n_images: int, size: int, seed: int, device: str, dtype: torch.dtype):
@@ -57,26 +56,16 @@ def synthetic_eval(n_images: int, size: int, seed: int, device: str, dtype: torc
 
 
 def timed(fn: Callable[[], object], repeats: int, device: str) -> tuple[float, float, float]:
-    """(median wall seconds, median process CPU seconds (user + sys), peak memory in GiB: CUDA
-    allocator peak, or process max RSS on CPU). On a shared machine CPU seconds bound what the
-    wall time would be without the other load."""
-    times, cpu = [], []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t, c = time.perf_counter(), os.times()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-        c1 = os.times()
-        cpu.append(c1.user - c.user + c1.system - c.system)
+    """(median wall seconds, median process CPU seconds, peak memory in GiB: CUDA allocator peak,
+    or process max RSS on CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    sec, cpu = measure(fn, device, repeats)
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    return statistics.median(times), statistics.median(cpu), peak
+    return sec, cpu, peak
 
 
 def main() -> None:

@@ -16,31 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from clipad import ot
-
-
-def timed(fn: Callable[[], object], repeats: int, device: str) -> tuple[float, float]:
-    """(median wall seconds, median process CPU seconds (user + sys)). On a shared machine CPU
-    seconds bound what the wall time would be without the other load."""
-    times, cpu = [], []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t, c = time.perf_counter(), os.times()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-        c1 = os.times()
-        cpu.append(c1.user - c.user + c1.system - c.system)
-    return statistics.median(times), statistics.median(cpu)
+from clipad.bench import measure
 
 
 def main() -> None:
@@ -99,7 +81,7 @@ def main() -> None:
     print(f"| {'what':<52} | {'median ms':>9} | {'CPU ms':>8} | {'ms / iter':>9} |")
     print(f"|{'-' * 54}|{'-' * 11}|{'-' * 10}|{'-' * 11}|")
     for name, fn, iters in rows:
-        sec, cpu = timed(fn, args.repeats, args.device)
+        sec, cpu = measure(fn, args.device, args.repeats)
         per = f"{1e3 * sec / iters:>9.3f}" if iters else f"{'':>9}"
         print(f"| {name:<52} | {1e3 * sec:>9.1f} | {1e3 * cpu:>8.1f} | {per} |", flush=True)
 

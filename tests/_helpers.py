@@ -50,3 +50,49 @@ def write_folder_dataset(root: Path, n_normal: int = 6, n_abnormal: int = 6, siz
         mask[y : y + 16, x : x + 16] = 255
         Image.fromarray(img).save(root / "bad" / f"{i:02d}.png")
         Image.fromarray(mask).save(root / "masks" / f"{i:02d}.png")
+
+
+def load_openai_fixture(fixtures: Path, name: str, tmp_dir: Path):
+    """(backbone, meta, expected) from a fixture folder made by ``tools/<method>_fixtures.py``.
+
+    ``model.safetensors`` holds a small random CLIP in the OpenAI state-dict layout (token
+    embedding rows only for the tokens the prompts use; the others were zero in the official run
+    and cannot affect any output) and, in its header, the architecture (``shape``). The weights go
+    through clipad's own file-loading path, as an OpenAI ``.pt`` state dict (-> QuickGELU).
+    """
+    import json
+
+    import open_clip
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from clipad.backbone import OPENAI_MEAN, OPENAI_STD, Backbone, _load_into
+    from clipad.weights import read_state_dict
+
+    with safe_open(str(fixtures / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    weights = {k: v.float() for k, v in load_file(str(fixtures / "model.safetensors")).items()}
+    expected = load_file(str(fixtures / "expected.safetensors"))
+    shape = json.loads(meta["shape"])
+    ids, rows = weights.pop("token_ids").long(), weights.pop("token_rows")
+    table = torch.zeros(shape["vocab_size"], shape["transformer_width"])
+    table[ids] = rows
+    weights["token_embedding.weight"] = table
+    path = tmp_dir / "clip.pt"
+    torch.save({**weights, "input_resolution": torch.tensor(shape["image_resolution"]),
+                "context_length": torch.tensor(shape["context_length"]), "vocab_size": torch.tensor(shape["vocab_size"])}, path)
+    sd, is_openai = read_state_dict(path)
+    assert is_openai
+    cfg = {
+        "embed_dim": shape["embed_dim"],
+        "vision_cfg": {"image_size": shape["image_resolution"], "layers": shape["vision_layers"], "width": shape["vision_width"],
+                       "head_width": 64, "patch_size": shape["vision_patch_size"]},
+        "text_cfg": {"context_length": shape["context_length"], "vocab_size": shape["vocab_size"],
+                     "width": shape["transformer_width"], "heads": shape["transformer_heads"], "layers": shape["transformer_layers"]},
+    }
+    with torch.random.fork_rng(devices=[]):
+        model = open_clip.model.CLIP(**cfg, quick_gelu=is_openai)
+    _load_into(model, sd, str(path))
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=shape["context_length"])
+    backbone = Backbone(model, name=name, pretrained=None, mean=OPENAI_MEAN, std=OPENAI_STD, tokenizer=tokenizer)
+    return backbone, meta, expected

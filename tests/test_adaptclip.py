@@ -21,10 +21,9 @@ import torch
 from PIL import Image
 
 import clipad
-from _helpers import random_images, report_max_diff, tiny_detector, write_folder_dataset
+from _helpers import load_openai_fixture, random_images, report_max_diff, tiny_detector, write_folder_dataset
 from clipad import ClipadError
 from clipad import train as training
-from clipad.backbone import OPENAI_MEAN, OPENAI_STD, Backbone, _load_into
 from clipad.methods.adaptclip import (
     AdaptCLIP,
     PromptQueryAdapter,
@@ -33,7 +32,6 @@ from clipad.methods.adaptclip import (
     dual_path_start,
     nearest_reference,
 )
-from clipad.weights import read_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures" / "adaptclip"
 ATOL_MAPS = 1e-4
@@ -89,38 +87,8 @@ def _official_object(e: dict[str, torch.Tensor], prefix: str, n_layers: int = 4)
 def official(tmp_path_factory):
     if not (FIXTURES / "model.safetensors").is_file() or not (FIXTURES / "expected.safetensors").is_file():
         pytest.skip(f"AdaptCLIP fixtures missing in {FIXTURES}: build them with tools/adaptclip_fixtures.py (see tools/README.md)")
-    import open_clip
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(FIXTURES / "model.safetensors"), "pt") as f:
-        meta = f.metadata()
-    weights = {k: v.float() for k, v in load_file(str(FIXTURES / "model.safetensors")).items()}
-    expected = load_file(str(FIXTURES / "expected.safetensors"))
-    shape = json.loads(meta["shape"])
-    ids, rows = weights.pop("token_ids").long(), weights.pop("token_rows")
-    table = torch.zeros(shape["vocab_size"], shape["transformer_width"])
-    table[ids] = rows  # rows of tokens the prompts do not use were zero in the official run
-    weights["token_embedding.weight"] = table
-    # through clipad's file-loading path: an OpenAI-format state dict file (-> QuickGELU)
     tmp = tmp_path_factory.mktemp("adaptclip")
-    path = tmp / "clip.pt"
-    torch.save({**weights, "input_resolution": torch.tensor(shape["image_resolution"]),
-                "context_length": torch.tensor(shape["context_length"]), "vocab_size": torch.tensor(shape["vocab_size"])}, path)
-    sd, is_openai = read_state_dict(path)
-    assert is_openai
-    cfg = {
-        "embed_dim": shape["embed_dim"],
-        "vision_cfg": {"image_size": shape["image_resolution"], "layers": shape["vision_layers"], "width": shape["vision_width"],
-                       "head_width": 64, "patch_size": shape["vision_patch_size"]},
-        "text_cfg": {"context_length": shape["context_length"], "vocab_size": shape["vocab_size"],
-                     "width": shape["transformer_width"], "heads": shape["transformer_heads"], "layers": shape["transformer_layers"]},
-    }
-    with torch.random.fork_rng(devices=[]):
-        model = open_clip.model.CLIP(**cfg, quick_gelu=is_openai)
-    _load_into(model, sd, str(path))
-    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=shape["context_length"])
-    backbone = Backbone(model, name="adaptclip-fixture", pretrained=None, mean=OPENAI_MEAN, std=OPENAI_STD, tokenizer=tokenizer)
+    backbone, meta, expected = load_openai_fixture(FIXTURES, "adaptclip-fixture", tmp)
     size, mid = int(meta["image_size"]), int(meta["pq_mid_dim"])
     init = convert_official(_official_object(expected, "official/"))
 

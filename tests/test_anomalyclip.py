@@ -22,14 +22,12 @@ import torch
 from PIL import Image
 
 import clipad
-from _helpers import random_images, report_max_diff, tiny_detector, write_folder_dataset
+from _helpers import load_openai_fixture, random_images, report_max_diff, tiny_detector, write_folder_dataset
 from clipad import ClipadError
 from clipad import train as training
-from clipad.backbone import OPENAI_MEAN, OPENAI_STD, Backbone, _load_into
 from clipad.convert import convert_checkpoint, read_learned_weights
 from clipad.methods.anomalyclip import AnomalyCLIP
 from clipad.prompt_learning import LearnablePrompts, encode_prompt_embeddings
-from clipad.weights import read_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures" / "anomalyclip"
 ATOL_MAPS = 1e-4
@@ -70,38 +68,9 @@ def _official_learned(e: dict[str, torch.Tensor], prefix: str = "official/") -> 
 def official(tmp_path_factory):
     if not (FIXTURES / "model.safetensors").is_file() or not (FIXTURES / "expected.safetensors").is_file():
         pytest.skip(f"AnomalyCLIP fixtures missing in {FIXTURES}: build them with tools/anomalyclip_fixtures.py (see tools/README.md)")
-    import open_clip
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(FIXTURES / "model.safetensors"), "pt") as f:
-        meta = f.metadata()
-    weights = {k: v.float() for k, v in load_file(str(FIXTURES / "model.safetensors")).items()}
-    expected = load_file(str(FIXTURES / "expected.safetensors"))
-    shape, design = json.loads(meta["shape"]), json.loads(meta["design"])
-    ids, rows = weights.pop("token_ids").long(), weights.pop("token_rows")
-    # rows of tokens the prompts do not use were zero in the official run and cannot affect any output
-    table = torch.zeros(shape["vocab_size"], shape["transformer_width"])
-    table[ids] = rows
-    weights["token_embedding.weight"] = table
-    # through clipad's file-loading path: an OpenAI-format state dict file (-> QuickGELU)
-    path = tmp_path_factory.mktemp("anomalyclip") / "clip.pt"
-    torch.save({**weights, "input_resolution": torch.tensor(shape["image_resolution"]),
-                "context_length": torch.tensor(shape["context_length"]), "vocab_size": torch.tensor(shape["vocab_size"])}, path)
-    sd, is_openai = read_state_dict(path)
-    assert is_openai
-    cfg = {
-        "embed_dim": shape["embed_dim"],
-        "vision_cfg": {"image_size": shape["image_resolution"], "layers": shape["vision_layers"], "width": shape["vision_width"],
-                       "head_width": 64, "patch_size": shape["vision_patch_size"]},
-        "text_cfg": {"context_length": shape["context_length"], "vocab_size": shape["vocab_size"],
-                     "width": shape["transformer_width"], "heads": shape["transformer_heads"], "layers": shape["transformer_layers"]},
-    }
-    with torch.random.fork_rng(devices=[]):
-        model = open_clip.model.CLIP(**cfg, quick_gelu=is_openai)
-    _load_into(model, sd, str(path))
-    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=shape["context_length"])
-    backbone = Backbone(model, name="anomalyclip-fixture", pretrained=None, mean=OPENAI_MEAN, std=OPENAI_STD, tokenizer=tokenizer)
+    tmp = tmp_path_factory.mktemp("anomalyclip")
+    backbone, meta, expected = load_openai_fixture(FIXTURES, "anomalyclip-fixture", tmp)
+    design = json.loads(meta["design"])
     size = int(meta["image_size"])
 
     def detector(setting: str, learned: bool = True, **options) -> AnomalyCLIP:
@@ -114,7 +83,7 @@ def official(tmp_path_factory):
             det.load_learned_state(_official_learned(expected))
         return det
 
-    return {"meta": meta, "expected": expected, "backbone": backbone, "detector": detector, "tmp": path.parent}
+    return {"meta": meta, "expected": expected, "backbone": backbone, "detector": detector, "tmp": tmp}
 
 
 def test_fixture_prompts(official):

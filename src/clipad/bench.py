@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import time
@@ -37,22 +38,28 @@ def vit_forward_flops(backbone: Backbone, image_size: int) -> float:
     return 2.0 * macs
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def measure(fn, device: torch.device | str, repeats: int, warmup: int = 0) -> tuple[float, float]:
+    """(median wall seconds, median process CPU seconds (user + sys)) of ``fn()`` over ``repeats``
+    device-synchronised calls after ``warmup`` untimed ones. On a shared machine the CPU seconds
+    bound what the wall time would be without the other load."""
+    device = torch.device(device)
 
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
-def _time(fn, device: torch.device, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         fn()
-    _sync(device)
-    times = []
+    sync()
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), os.times()
         fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        sync()
+        c1 = os.times()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(c1.user - c0.user + c1.system - c0.system)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -92,8 +99,8 @@ def bench_method(
             with torch.no_grad(), det.autocast():
                 det.backbone.encode_image(x)
 
-        t_method = _time(run_method, dev, warmup, repeats)
-        t_bare = _time(run_backbone, dev, warmup, repeats)
+        t_method = measure(run_method, dev, repeats, warmup)[0]
+        t_bare = measure(run_backbone, dev, repeats, warmup)[0]
         rows.append({
             "method": method, "backbone": det.backbone.name, "image_size": size, "shots": shots,
             "device": str(dev), "dtype": dtype, "batch": b,

@@ -55,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fixture_io import write_fixtures
 
 OFFICIAL_COMMIT = "354d9e3"
 SIZE = 84  # 6 x 6 patches; the native grid is 4 x 4
@@ -198,7 +199,6 @@ def main() -> None:
     import test as official_test
     import train as official_train
     from adaptcliplib.build_model import build_model
-    from safetensors.torch import save_file
 
     work = Path(tempfile.mkdtemp(prefix="adaptclip-fixtures-"))
     rng = np.random.default_rng(args.seed)
@@ -345,18 +345,10 @@ def main() -> None:
         for k, v in unique_state(name, updated[name]).items():
             expected[f"train/{name}/{k}"] = v
 
-    args.out.mkdir(parents=True, exist_ok=True)
     meta = {"shape": json.dumps(SHAPE), "image_size": str(SIZE), "dpam_layer": str(DPAM_LAYER), "features": json.dumps(FEATURES),
             "n_ctx": str(N_CTX), "reduction": str(REDUCTION), "pq_mid_dim": str(PQ_MID), "classes": json.dumps(CLASSES),
             "official_commit": OFFICIAL_COMMIT, "seed": str(args.seed), "torch": torch.__version__}
-    table = weights.pop("token_embedding.weight")
-    model_tensors = {k: v.half() for k, v in weights.items()}
-    model_tensors["token_ids"] = used
-    model_tensors["token_rows"] = table[used].half()
-    save_file({k: v.contiguous() for k, v in model_tensors.items()}, str(args.out / "model.safetensors"), metadata=meta)
-    save_file({k: v.contiguous() for k, v in expected.items()}, str(args.out / "expected.safetensors"), metadata=meta)
-    total = sum(p.stat().st_size for p in args.out.glob("*.safetensors"))
-    print(f"wrote {args.out} ({total / 1e6:.2f} MB); official commit {OFFICIAL_COMMIT}")
+    write_fixtures(args.out, weights, expected, meta, used, OFFICIAL_COMMIT, dtype=torch.float16)
 
 
 if __name__ == "__main__":

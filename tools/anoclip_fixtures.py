@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fixture_io import write_fixtures
 
 OFFICIAL_COMMIT = "3a70bfdaea6baf1eeb140c5de8155b535bd94833"
 MODEL_NAME = "clipad-anoclip-fixture"
@@ -128,7 +129,6 @@ def main() -> None:
     import prompt_ensemble
     import vis_test
     import vl_test
-    from safetensors.torch import save_file
 
     assert Path(open_clip.__file__).resolve().is_relative_to(args.official.resolve()), open_clip.__file__
     work = Path(tempfile.mkdtemp(prefix="anoclip-fixtures-"))
@@ -228,7 +228,6 @@ def main() -> None:
         if adapter:
             expected["visa/tta/rng_state"] = rng_state
 
-    args.out.mkdir(parents=True, exist_ok=True)
     meta = {
         "config": json.dumps(CONFIG),
         "official_commit": OFFICIAL_COMMIT,
@@ -239,13 +238,7 @@ def main() -> None:
         "prompt_classes": json.dumps(PROMPT_CLASSES),
         "torch": torch.__version__,
     }
-    token_rows = weights.pop("token_embedding.weight")
-    weights["token_ids"] = used
-    weights["token_rows"] = token_rows[used].contiguous()
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(args.out / "model.safetensors"), metadata=meta)
-    save_file({k: v.contiguous() for k, v in expected.items()}, str(args.out / "expected.safetensors"), metadata=meta)
-    total = sum(p.stat().st_size for p in args.out.glob("*.safetensors"))
-    print(f"wrote {args.out} ({total / 1e6:.2f} MB); official commit {OFFICIAL_COMMIT}")
+    write_fixtures(args.out, weights, expected, meta, used, OFFICIAL_COMMIT)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fixture_io import write_fixtures
 
 OFFICIAL_COMMIT = "45ed4dd35c05797d854294b5e8d585c545920089"
 SIZE = 98  # 7 x 7 patches; the native grid is 4 x 4
@@ -144,7 +145,6 @@ def main() -> None:
     import train as official_train
     from AnomalyCLIP_lib.AnomalyCLIP import AnomalyCLIP, VisionTransformer
     from AnomalyCLIP_lib.build_model import build_model
-    from safetensors.torch import save_file
 
     work = Path(tempfile.mkdtemp(prefix="anomalyclip-fixtures-"))
     n_ctx = DESIGN["Prompt_length"]
@@ -300,17 +300,9 @@ def main() -> None:
 
     AnomalyCLIP_lib.load, VisionTransformer.DAPM_replace = original_load, original_replace
 
-    args.out.mkdir(parents=True, exist_ok=True)
     meta = {"shape": json.dumps(SHAPE), "design": json.dumps(DESIGN), "settings": json.dumps(SETTINGS), "image_size": str(SIZE),
             "official_commit": OFFICIAL_COMMIT, "seed": str(args.seed), "classes": json.dumps(CLASSES), "torch": torch.__version__}
-    table = weights.pop("token_embedding.weight")
-    model_tensors = {k: v.half() for k, v in weights.items()}
-    model_tensors["token_ids"] = used
-    model_tensors["token_rows"] = table[used].half()
-    save_file({k: v.contiguous() for k, v in model_tensors.items()}, str(args.out / "model.safetensors"), metadata=meta)
-    save_file({k: v.contiguous() for k, v in expected.items()}, str(args.out / "expected.safetensors"), metadata=meta)
-    total = sum(p.stat().st_size for p in args.out.glob("*.safetensors"))
-    print(f"wrote {args.out} ({total / 1e6:.2f} MB); official commit {OFFICIAL_COMMIT}")
+    write_fixtures(args.out, weights, expected, meta, used, OFFICIAL_COMMIT, dtype=torch.float16)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from torch import nn
 from ..backbone import Backbone
 from ..dualpath import encode_image_dualpath, first_block_of_last
 from ..errors import ClipadError
+from ..precision import float32_head
 from ..prompts_anoclip import DOMAIN_PHRASES, DOMAINS, encode_prompt_set, prompt_class_name, resolve_domain
 from .base import Detector
 from .registry import register_method
@@ -95,6 +96,7 @@ def augmented_views(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([warped.reshape(b, len(mats), c, h, w), torch.stack(rest, dim=1)], dim=1)
 
 
+@float32_head
 def abnormal_probability(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """[..., D] features, [2, D] unit (normal, abnormal) text -> [...] abnormal probability.
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..backbone import Backbone
 from ..errors import ClipadError
+from ..precision import float32_head
 from ..text import WINCLIP_ANOMALOUS_STATES, WINCLIP_NORMAL_STATES, WINCLIP_TEMPLATES, state_embeddings
 from .base import Detector
 from .registry import register_method
@@ -66,12 +67,14 @@ def harmonic_aggregation(window_scores: torch.Tensor, index: torch.Tensor, valid
     return (valid.sum(-1).to(total.dtype) / total).nan_to_num(posinf=0.0)
 
 
+@float32_head
 def class_probability(embeddings: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
     """[..., D] embeddings, [2, D] (normal, anomalous) text -> [...] anomalous probability."""
     sim = F.normalize(embeddings.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T
     return (sim / temperature).softmax(dim=-1)[..., 1]
 
 
+@float32_head
 def min_cosine_distance(query: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     """[B, N, D] query, [K, M, D] memory -> [B, N] min over all K*M of (1 - cos) / 2."""
     mem = F.normalize(memory.reshape(-1, memory.shape[-1]).float(), dim=-1)

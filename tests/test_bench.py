@@ -60,3 +60,15 @@ def test_bench_command_reports_every_method(tmp_path, capsys):
     for r in rows:
         assert r["ms_per_image"] > 0 and r["images_per_s"] > 0 and r["backbone_tflops"] > 0
         assert r["method"] in text
+
+
+def test_bench_records_its_settings(tmp_path):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--method", "adaptclip", "--backbone", "tiny", "--image-size", "64", "--batch", "2",
+               "--shots", "1", "--dtype", "bf16", "--channels-last", "--threads", "1", "--repeats", "1",
+               "--warmup", "0", "--device", "cpu", "--json", str(out)])
+    assert rc == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["dtype"], row["shots"], row["channels_last"], row["compile"], row["threads"]) == ("bf16", 1, True, False, 1)
+    # backbone FLOPs over the method's time can only be below the bare forward's rate times the overhead
+    assert row["method_tflops"] == pytest.approx(row["backbone_tflops"] / row["overhead_vs_backbone"], rel=1e-9)

@@ -574,3 +574,35 @@ def test_loader_transform_stacks_and_unknown_mask_is_none(tmp_path: Path) -> Non
     assert batch.masks[2] is not None and batch.masks[2].shape == (4, 4)
     no_masks = SampleLoader(samples, load_masks=False)[2]
     assert not isinstance(no_masks, LoadFailure) and no_masks.mask is None
+
+
+# -- generated data (clipad.data.synthetic) ------------------------------------------------------
+def test_synthetic_set_masks_mark_exactly_the_anomalies():
+    from clipad.data.synthetic import synthetic_set
+
+    data = synthetic_set(10, 48, seed=2, anomalous_fraction=0.3)
+    assert data.images.shape == (10, 3, 48, 48) and data.images.dtype == torch.float32
+    assert float(data.images.min()) >= 0.0 and float(data.images.max()) <= 1.0
+    assert data.labels.tolist() == [0] * 7 + [1] * 3
+    area = data.masks.flatten(1).sum(1)
+    assert (area[:7] == 0).all()
+    assert ((area[7:] >= 16 * 16) & (area[7:] <= 24 * 24)).all()  # a square of side 48/3 .. 48/3 + 48/6
+    again = synthetic_set(10, 48, seed=2, anomalous_fraction=0.3)
+    assert torch.equal(again.images, data.images)
+    with pytest.raises(ClipadError, match="anomalous_fraction"):
+        synthetic_set(4, 32, anomalous_fraction=1.5)
+
+
+def test_written_mvtec_tree_loads_with_its_masks(tmp_path):
+    from clipad.data import make_loader, mvtec_dataset
+    from clipad.data.synthetic import write_mvtec_tree
+
+    write_mvtec_tree(tmp_path, ["a", "b"], n_train=2, n_good=3, n_bad=4, size=32, seed=1)
+    ds = mvtec_dataset(tmp_path)
+    test = [s for s in ds if s.split == "test"]
+    assert sorted({s.class_name for s in ds}) == ["a", "b"]
+    assert len([s for s in ds if s.split == "train"]) == 4
+    assert sum(s.label for s in test) == 8 and len(test) == 14
+    for batch in make_loader(test, batch_size=7):
+        for smp, mask in zip(batch.samples, batch.masks):
+            assert bool(mask.any()) == bool(smp.label)

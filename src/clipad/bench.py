@@ -71,6 +71,7 @@ def _peak_memory_mb(device: torch.device) -> float:
 def bench_method(
     method: str, *, backbone: str | None, image_size: int | None, batches: list[int], shots: int,
     device: str | None, dtype: str, warmup: int, repeats: int, options: dict[str, Any],
+    compile: bool = False, channels_last: bool = False,
 ) -> list[dict[str, Any]]:
     import clipad
 
@@ -81,6 +82,10 @@ def bench_method(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         det = clipad.create_detector(method, backbone=backbone, pretrained=None, device=device, **opts)
+    if channels_last:
+        det.backbone.visual.conv1.to(memory_format=torch.channels_last)
+    if compile:
+        det.compile()
     dev = det.device
     size = det.image_size
     if shots:
@@ -89,6 +94,8 @@ def bench_method(
     rows = []
     for b in batches:
         x = det.backbone.normalize(torch.rand(b, 3, size, size, device=dev))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
 
@@ -103,11 +110,13 @@ def bench_method(
         t_bare = measure(run_backbone, dev, repeats, warmup)[0]
         rows.append({
             "method": method, "backbone": det.backbone.name, "image_size": size, "shots": shots,
-            "device": str(dev), "dtype": dtype, "batch": b,
+            "device": str(dev), "dtype": dtype, "batch": b, "compile": compile, "channels_last": channels_last,
+            "threads": torch.get_num_threads(),
             "ms_per_image": 1e3 * t_method / b, "images_per_s": b / t_method,
             "backbone_ms_per_image": 1e3 * t_bare / b,
             "overhead_vs_backbone": t_method / t_bare,
             "backbone_tflops": flops * b / t_bare / 1e12,
+            "method_tflops": flops * b / t_method / 1e12,  # backbone FLOPs only: a lower bound
             "peak_memory_mb": _peak_memory_mb(dev),
         })
     return rows
@@ -115,13 +124,13 @@ def bench_method(
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     head = f"{'method':<12}{'backbone':<20}{'px':>5}{'k':>3}{'batch':>6}{'ms/img':>10}{'img/s':>9}" \
-           f"{'bare ms/img':>12}{'x bare':>8}{'TFLOP/s':>9}{'peak MB':>9}"
+           f"{'bare ms/img':>12}{'x bare':>8}{'TFLOP/s':>9}{'bare TF/s':>10}{'peak MB':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['method']:<12}{r['backbone']:<20}{r['image_size']:>5}{r['shots']:>3}{r['batch']:>6}"
             f"{r['ms_per_image']:>10.2f}{r['images_per_s']:>9.1f}{r['backbone_ms_per_image']:>12.2f}"
-            f"{r['overhead_vs_backbone']:>8.2f}{r['backbone_tflops']:>9.3f}{r['peak_memory_mb']:>9.0f}"
+            f"{r['overhead_vs_backbone']:>8.2f}{r['method_tflops']:>9.3f}{r['backbone_tflops']:>10.3f}{r['peak_memory_mb']:>9.0f}"
         )
     return "\n".join(lines)
 
@@ -141,7 +150,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows += bench_method(
             m, backbone=args.backbone, image_size=args.image_size, batches=args.batch, shots=args.shots,
             device=args.device, dtype=args.dtype, warmup=args.warmup, repeats=args.repeats,
-            options=method_options(args),
+            options=method_options(args), compile=args.compile, channels_last=args.channels_last,
         )
     dev = rows[0]["device"] if rows else "?"
     name = torch.cuda.get_device_name(torch.device(dev)) if dev.startswith("cuda") else (platform.processor() or platform.machine())
@@ -166,6 +175,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per batch size (default 2)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per batch size; the median is reported (default 5)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the scoring path (compiled during warm-up)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last input and patch embedding (CPU tuning)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method option, as for predict")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the rows as JSON")
     p.set_defaults(func=cmd_bench)

@@ -47,6 +47,11 @@ def add_model_args(p: argparse.ArgumentParser, multi_method: bool = False) -> No
     g.add_argument("--image-size", type=int, default=None, help="model input size in pixels (default: the method's)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     g.add_argument("--batch-size", type=int, default=8, help="images per model call (default: 8)")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                   help="auto (default: bf16 autocast of the image tower on CUDA, fp32 elsewhere), fp32, or bf16 "
+                   "(also on CPUs with bf16 support); method heads always run in fp32")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the scoring path (first batch of each shape compiles; optional speed-up)")
     g.add_argument("--checkpoint", default=None, metavar="FILE",
                    help="learned weights of a trained method (.safetensors from `clipad train` or `clipad convert`)")
     g.add_argument("--tta", action="store_true", help="anoclip: test-time adaptation of its adapter (AnoCLIP+)")
@@ -83,18 +88,26 @@ def method_options(args: argparse.Namespace) -> dict:
 def build_detector(args: argparse.Namespace):
     import clipad
 
+    precision = getattr(args, "precision", None)
     if args.detector:
-        return clipad.load_detector(args.detector, device=args.device)
-    kwargs = method_options(args)
-    if args.image_size:
-        kwargs["image_size"] = args.image_size
-    if args.pretrained is not None:
-        kwargs["pretrained"] = _pretrained_arg(args.pretrained)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*randomly initialised.*")
-        det = clipad.create_detector(args.method, backbone=args.backbone, device=args.device, seed=args.init_seed, **kwargs)
-    if det.backbone.pretrained is None:
-        _err(f"note: backbone '{det.backbone.name}' has random weights (seed {args.init_seed}); scores are for testing only")
+        det = clipad.load_detector(args.detector, device=args.device)
+        if precision:
+            det.precision = precision
+    else:
+        kwargs = method_options(args)
+        if args.image_size:
+            kwargs["image_size"] = args.image_size
+        if precision:
+            kwargs["precision"] = precision
+        if args.pretrained is not None:
+            kwargs["pretrained"] = _pretrained_arg(args.pretrained)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*randomly initialised.*")
+            det = clipad.create_detector(args.method, backbone=args.backbone, device=args.device, seed=args.init_seed, **kwargs)
+        if det.backbone.pretrained is None:
+            _err(f"note: backbone '{det.backbone.name}' has random weights (seed {args.init_seed}); scores are for testing only")
+    if getattr(args, "compile", False):
+        det.compile()
     return det
 
 

@@ -83,20 +83,28 @@ def evaluate_class(
     """Score one class's test samples and compute its metrics."""
     from .data import make_loader
 
-    loader = make_loader(samples, batch_size, transform=_ToModelTensor(det.input_size), num_workers=workers)
+    cuda = det.device.type == "cuda"
+    loader = make_loader(
+        samples, batch_size, transform=_ToModelTensor(det.input_size), num_workers=workers, pin_memory=cuda
+    )
+    # scores and maps stay on the device until the class is done: no host synchronisation per batch
     scores, labels, maps, masks, known, kept = [], [], [], [], [], []
     for batch in loader:
         for fail in batch.failures:
             failures.append(str(fail))
             progress.write(f"clipad: {fail}", file=sys.stderr)
-        images = list(batch.images) if len(batch) else []
-        for i, j in equal_runs([tuple(t.shape) for t in images]):
-            x = det.backbone.normalize(torch.stack(images[i:j]).to(det.device))
+        if isinstance(batch.images, torch.Tensor):
+            runs = [batch.images]
+        else:
+            images = list(batch.images)
+            runs = [torch.stack(images[i:j]) for i, j in equal_runs([tuple(t.shape) for t in images])]
+        for run in runs:
+            x = det.backbone.normalize(run.to(det.device, non_blocking=True))
             s, m = det.score_normalized(x, class_name=class_name)
             if tuple(m.shape[-2:]) != (eval_size, eval_size):
                 m = F.interpolate(m[:, None], size=(eval_size, eval_size), mode="bilinear", align_corners=False)[:, 0]
-            scores.append(s.cpu().numpy())
-            maps.append(m.to(torch.float16).cpu())
+            scores.append(s)
+            maps.append(m.to(torch.float16))
         for smp, mk in zip(batch.samples, batch.masks):
             labels.append(smp.label)
             known.append(mk is not None)
@@ -105,9 +113,9 @@ def evaluate_class(
         progress.update(len(batch) + len(batch.failures))
     if not kept:
         return None
-    scores_np = np.concatenate(scores).astype(np.float64)
+    scores_np = torch.cat(scores).cpu().numpy().astype(np.float64)
     labels_np = np.asarray(labels, dtype=np.int64)
-    maps_t = torch.cat(maps)
+    maps_t = torch.cat(maps).cpu()
     masks_t = torch.stack(masks)
     known_t = torch.tensor(known)
     with warnings.catch_warnings(record=True) as caught:

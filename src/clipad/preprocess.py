@@ -75,21 +75,30 @@ def as_image_list(images: torch.Tensor | Sequence[ImageInput] | ImageInput) -> l
 
 def resize_batch(images: list[torch.Tensor], size: tuple[int, int], device: torch.device) -> torch.Tensor:
     """List of [3, H, W] -> [B, 3, h, w] on ``device``: bicubic with antialiasing, as torchvision's
-    ``Resize(..., antialias=True)`` on tensors; images already at ``size`` are left untouched."""
+    ``Resize(..., antialias=True)`` on tensors; images already at ``size`` are left untouched.
+    Images of one shape are copied and resized as one batch (one kernel, not one per image)."""
+    size = tuple(size)
+    if len({tuple(t.shape) for t in images}) == 1:
+        x = torch.stack(images).to(device, non_blocking=True)
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+        return x
     out = []
     for img in images:
         img = img.to(device, non_blocking=True)
-        if tuple(img.shape[-2:]) != tuple(size):
+        if tuple(img.shape[-2:]) != size:
             img = F.interpolate(img.unsqueeze(0), size=size, mode="bicubic", antialias=True, align_corners=False)[0]
         out.append(img)
     return torch.stack(out)
 
 
 def resize_map(amap: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[h, w] map -> [H, W] by bilinear interpolation (identity when sizes agree)."""
+    """[..., h, w] maps -> [..., H, W] float by bilinear interpolation (identity when sizes agree)."""
     if tuple(amap.shape[-2:]) == tuple(size):
         return amap
-    return F.interpolate(amap[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+    flat = amap.reshape(-1, 1, *amap.shape[-2:]).float()
+    out = F.interpolate(flat, size=tuple(size), mode="bilinear", align_corners=False)
+    return out.reshape(*amap.shape[:-2], *size)
 
 
 def equal_runs(keys: Sequence) -> list[tuple[int, int]]:

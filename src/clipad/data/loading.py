@@ -89,6 +89,13 @@ class Batch:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def pin_memory(self) -> Batch:
+        """Page-locked image tensor, so the copy to a GPU can overlap compute (DataLoader's
+        ``pin_memory=True`` calls this in its pinning thread)."""
+        if isinstance(self.images, torch.Tensor):
+            self.images = self.images.pin_memory()
+        return self
+
 
 class SampleLoader(Dataset):
     """``torch`` dataset reading the images (and masks) of a list of samples.
@@ -158,13 +165,17 @@ def make_loader(
     transform: Callable[[Image.Image], Any] | None = None,
     load_masks: bool = True,
     num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """A ``DataLoader`` of :class:`Batch` over ``samples`` in order (no shuffling)."""
+    """A ``DataLoader`` of :class:`Batch` over ``samples`` in order (no shuffling); with
+    ``num_workers`` > 0 images are decoded (and transformed) in worker processes while the
+    caller computes; ``pin_memory`` pins collated image tensors for asynchronous GPU copies."""
     return DataLoader(
         SampleLoader(samples, transform=transform, load_masks=load_masks),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
         collate_fn=collate_samples,
+        pin_memory=pin_memory,
         persistent_workers=False,
     )

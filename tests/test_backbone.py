@@ -315,3 +315,30 @@ def test_non_finite_pixels_are_rejected():
         det.predict(x)
     with pytest.raises(ClipadError, match=r"images\[1\] contains NaN"):
         det.predict([torch.rand(3, 240, 240), x[0]])
+
+
+# -- fused blocks (clipad.blocks) ----------------------------------------------------------------
+def test_fused_block_equals_open_clip_block():
+    """residual_block (batch-first, SDPA) computes open_clip's own block forward."""
+    import open_clip
+
+    from clipad.blocks import fusable, residual_block
+
+    torch.manual_seed(0)
+    blk = open_clip.transformer.ResidualAttentionBlock(64, 4, ls_init_value=0.5).eval()
+    x = torch.randn(3, 17, 64)
+    assert fusable(blk)
+    with torch.no_grad():
+        torch.testing.assert_close(residual_block(blk, x), blk(x), rtol=1e-5, atol=1e-5)
+
+
+def test_unfusable_block_runs_its_own_forward():
+    from clipad.blocks import fusable, residual_block
+
+    class Custom(torch.nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    x = torch.randn(2, 5, 8)
+    assert not fusable(Custom())
+    assert torch.equal(residual_block(Custom(), x), 2 * x)

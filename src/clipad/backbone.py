@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import weights as weights_mod
+from .blocks import residual_block
 from .errors import ClipadError, UnknownNameError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -272,7 +273,7 @@ class Backbone(nn.Module):
     def run_blocks(self, h: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Apply blocks ``start .. stop-1`` (0-based) to a residual stream [B, L, W]."""
         for blk in self.blocks[start:stop]:
-            h = blk(h)
+            h = residual_block(blk, h)
         return h
 
     def encode_image(
@@ -292,7 +293,7 @@ class Backbone(nn.Module):
         taps: dict[int, torch.Tensor] = {}
         wanted = set(layers)
         for i, blk in enumerate(self.blocks, start=1):
-            h = blk(h)
+            h = residual_block(blk, h)
             if i in wanted:
                 taps[i] = h
         cls, tokens = self.pool(h)

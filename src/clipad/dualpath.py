@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import Backbone
+from .blocks import fusable, merge_heads, qkv_heads, residual_block
 from .errors import ClipadError
 
 
@@ -65,14 +66,6 @@ def first_block_of_last(depth: int, count: int) -> int:
     return max(1, depth - count + 1)
 
 
-def _heads(attn: nn.MultiheadAttention, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ln_1 output [B, L, W] -> q, k, v [B, heads, L, W / heads] with the block's own in-projection."""
-    b, length, width = h.shape
-    qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
-    qkv = qkv.reshape(b, length, 3, attn.num_heads, width // attn.num_heads).permute(2, 0, 3, 1, 4)
-    return qkv[0], qkv[1], qkv[2]
-
-
 def dual_block(blk: nn.Module, x_orig: torch.Tensor, x_vv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One dual-path step of an open_clip ``ResidualAttentionBlock``.
 
@@ -84,17 +77,15 @@ def dual_block(blk: nn.Module, x_orig: torch.Tensor, x_vv: torch.Tensor) -> tupl
     Returns:
         (new original-path state [B, L, W], new V-V state [B, L, W]); new tensors, inputs untouched.
     """
-    attn = blk.attn
-    if not isinstance(attn, nn.MultiheadAttention) or not getattr(attn, "batch_first", False):
+    if not fusable(blk):
         raise ClipadError(
-            f"the dual path needs open_clip blocks with a batch-first nn.MultiheadAttention; got {type(attn).__name__}"
+            f"the dual path needs open_clip blocks with a batch-first nn.MultiheadAttention; got {type(blk.attn).__name__}"
         )
-    b, length, width = x_orig.shape
-    q, k, v = _heads(attn, blk.ln_1(x_orig))
+    b = x_orig.shape[0]
+    q, k, v = qkv_heads(blk.attn, blk.ln_1(x_orig))
     # one fused call for both paths: queries (q, v), keys (k, v), values (v, v)
     both = F.scaled_dot_product_attention(torch.cat([q, v]), torch.cat([k, v]), torch.cat([v, v]))
-    both = both.transpose(1, 2).reshape(2 * b, length, width)
-    both = blk.ls_1(F.linear(both, attn.out_proj.weight, attn.out_proj.bias))
+    both = blk.ls_1(merge_heads(blk.attn, both))
     x_orig = x_orig + both[:b]
     x_orig = x_orig + blk.ls_2(blk.mlp(blk.ln_2(x_orig)))
     return x_orig, x_vv + both[b:]  # V-V path: residual of the attention only, FFN skipped
@@ -133,7 +124,7 @@ def encode_image_dualpath(
     x_vv = h
     for i, blk in enumerate(backbone.blocks, start=1):
         if i < first_vv_block:
-            h = blk(h)
+            h = residual_block(blk, h)
             x_vv = h
         else:
             h, x_vv = dual_block(blk, h, x_vv)

@@ -50,3 +50,20 @@ def test_sigma_zero_is_identity_and_half_precision_kept():
     assert torch.allclose(gaussian_blur(const, 4.0), const, atol=1e-7)  # weights sum to 1, borders reflect
     half = gaussian_blur(maps.half(), 2.0)
     assert half.dtype == torch.float16
+
+
+def test_blur_matrix_is_the_reflected_correlation():
+    """Row i of the matrix holds the kernel taps at their reflected source columns (slow loop)."""
+    from clipad.smoothing import blur_matrix
+
+    w = gaussian_kernel1d(2.0)
+    r = (w.numel() - 1) // 2
+    for n in (3, 11, 40):
+        m = blur_matrix(n, w, dtype=torch.float64)
+        ref = torch.zeros(n, n, dtype=torch.float64)
+        ext = reflect_indices(n, r)
+        for i in range(n):
+            for k in range(w.numel()):
+                ref[i, ext[i + k]] += w[k]
+        assert torch.allclose(m, ref, atol=1e-15)
+        assert torch.allclose(m.sum(1), torch.ones(n, dtype=torch.float64))

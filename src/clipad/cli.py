@@ -119,6 +119,34 @@ def _unique_name(stem: str, used: set[str]) -> str:
     return name
 
 
+def _load_batch(paths: list[Path]):
+    from .errors import ImageReadError
+    from .imageio import load_image
+
+    ok, images, errors = [], [], []
+    for p in paths:
+        try:
+            images.append(load_image(p))
+            ok.append(p)
+        except ImageReadError as exc:
+            errors.append(exc)
+    return ok, images, errors
+
+
+def _prefetched_batches(paths: list[Path], batch_size: int):
+    """(paths, PIL images, read errors) per batch; the next batch is decoded in a background
+    thread while the caller scores the current one (PIL releases the GIL while decoding)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_load_batch, chunks[0]) if chunks else None
+        for i in range(len(chunks)):
+            batch = pending.result()
+            pending = pool.submit(_load_batch, chunks[i + 1]) if i + 1 < len(chunks) else None
+            yield batch
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import csv
 
@@ -169,16 +197,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     used: set[str] = set()
     rows: list[tuple[str, float]] = []
     bar = tqdm(total=len(paths), desc=f"{det.name}", unit="img", file=sys.stderr, disable=args.quiet)
-    for start in range(0, len(paths), args.batch_size):
-        batch_paths, images = [], []
-        for p in paths[start : start + args.batch_size]:
-            try:
-                images.append(load_image(p))
-                batch_paths.append(p)
-            except ImageReadError as exc:
-                bar.clear()
-                _err(f"{exc}; skipped")
-                failures += 1
+    for batch_paths, images, errors in _prefetched_batches(paths, args.batch_size):
+        for exc in errors:
+            bar.clear()
+            _err(f"{exc}; skipped")
+            failures += 1
         if images:
             pred = det.predict(images, class_name=args.class_name, batch_size=args.batch_size)
             for i, (p, img) in enumerate(zip(batch_paths, images)):
@@ -190,7 +213,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 if args.save_maps:
                     np.save(out / "maps" / f"{name}.npy", amap.astype(np.float32))
                 rows.append((str(p), score))
-        bar.update(len(paths[start : start + args.batch_size]))
+        bar.update(len(batch_paths) + len(errors))
     bar.close()
 
     with open(out / "scores.csv", "w", newline="") as f:

@@ -2,7 +2,7 @@
 
 AnomalyCLIP and AdaptCLIP smooth every map with ``scipy.ndimage.gaussian_filter(map, sigma=4)``,
 one image at a time on the CPU. :func:`gaussian_blur` computes the same filter for a whole batch
-with two 1-D convolutions on the maps' own device:
+on the maps' own device, each axis as a product with a banded matrix (:func:`blur_matrix`):
 
 - kernel as scipy builds it: radius ``int(truncate * sigma + 0.5)``, weights
   ``exp(-x^2 / (2 sigma^2))`` normalised to sum 1 (computed in float64, then cast);
@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
@@ -42,14 +41,15 @@ def reflect_indices(n: int, radius: int, device: torch.device | None = None) -> 
     return torch.where(i >= n, 2 * n - 1 - i, i)
 
 
-def _blur_axis(x: torch.Tensor, weights: torch.Tensor, dim: int) -> torch.Tensor:
-    """Correlate [B, H, W] with a 1-D kernel along ``dim`` (1 = rows, 2 = columns), reflect borders."""
+def blur_matrix(n: int, weights: torch.Tensor, device=None, dtype=torch.float32) -> torch.Tensor:
+    """[n, n] banded matrix ``M`` with ``(M @ v)[i] = sum_k w[k] v[reflect(i + k - r)]``: the 1-D
+    correlation of a length-n axis with scipy's reflect borders, as one matrix. Taps that fold
+    onto the same source index are summed (in float64, then cast)."""
     radius = (weights.numel() - 1) // 2
-    idx = reflect_indices(x.shape[dim], radius, device=x.device)
-    padded = x.index_select(dim, idx).unsqueeze(1)  # [B, 1, H', W']
-    k = weights.to(device=x.device, dtype=x.dtype)
-    kernel = k.view(1, 1, -1, 1) if dim == 1 else k.view(1, 1, 1, -1)
-    return F.conv2d(padded, kernel)[:, 0]
+    src = reflect_indices(n, radius).unfold(0, weights.numel(), 1)  # [n, 2r + 1] source of each tap
+    m = torch.zeros(n, n, dtype=torch.float64)
+    m.scatter_add_(1, src, weights.to(torch.float64).expand(n, -1).contiguous())
+    return m.to(device=device, dtype=dtype)
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0, truncate: float = 4.0) -> torch.Tensor:
@@ -74,6 +74,8 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0, truncate: float = 4.0)
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
     weights = gaussian_kernel1d(sigma, truncate)
-    x = _blur_axis(x, weights, dim=1)
-    x = _blur_axis(x, weights, dim=2)
+    # each axis as one matrix product: a GEMM runs near peak on any device, where a 1-channel
+    # 33-tap convolution ran at ~1 GFLOP/s on CPU (half of a tiny model's scoring time)
+    x = blur_matrix(h, weights, x.device, x.dtype) @ x  # rows first, as scipy
+    x = x @ blur_matrix(w, weights, x.device, x.dtype).T
     return x.reshape(*lead, h, w).to(dtype)

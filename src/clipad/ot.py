@@ -173,6 +173,7 @@ def sinkhorn(
     return _solve(cost, log_a, log_b, *args)
 
 
+@torch.compiler.disable  # data-dependent validation: run eagerly rather than as a graph break
 def _check_problem(cost: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate; return (cost in the working dtype, log a: [B, N], log b: [B, K])."""
     if cost.dim() != 3:
@@ -221,6 +222,7 @@ def _check_real(name: str, x: object, *, positive: bool) -> None:
         raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {x!r}")
 
 
+@torch.compiler.disable  # the convergence test reads the device every few iterations: run eagerly
 def _solve(
     cost: torch.Tensor,
     log_a: torch.Tensor,

@@ -138,6 +138,7 @@ class Detector(nn.Module):
         use_bf16 = self.precision == "bf16" or (self.precision == "auto" and dev == "cuda")
         return torch.autocast(device_type=dev, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
+    @torch.compiler.disable  # a dict lookup, once per class a text-tower run: nothing to compile
     def cached_text(self, key: str, compute) -> torch.Tensor:
         """Text embeddings are computed once per class (and prompt set) and kept; fp32, no autocast."""
         if key not in self._text_cache:

@@ -55,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fixture_io import write_fixtures
+from fixture_io import perturbed_state, write_fixtures, write_test_pair
 
 OFFICIAL_COMMIT = "354d9e3"
 SIZE = 84  # 6 x 6 patches; the native grid is 4 x 4
@@ -100,45 +100,13 @@ def write_dataset(root: Path, rng: np.random.Generator) -> dict[str, np.ndarray]
             Image.fromarray(img).save(root / rel)
             meta["train"][cls].append(dict(img_path=rel, mask_path="", cls_name=cls, specie_name="good", anomaly=0))
             train_images.append(img.transpose(2, 0, 1))
-        entries = []
-        for i, specie in enumerate(("good", "defect")):
-            img, mask = synthetic_image(rng, specie != "good")
-            rel = f"{cls}/test/{specie}/{i:03d}.png"
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(root / rel)
-            mask_rel = ""
-            if specie != "good":
-                mask_rel = f"{cls}/ground_truth/{specie}/{i:03d}_mask.png"
-                (root / mask_rel).parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(mask).save(root / mask_rel)
-            entries.append(dict(img_path=rel, mask_path=mask_rel, cls_name=cls, specie_name=specie, anomaly=int(specie != "good")))
-            images.append(img.transpose(2, 0, 1))
-            masks.append(mask > 0)
-            labels.append(int(specie != "good"))
+        entries, imgs, msks, lbls = write_test_pair(root, cls, lambda defect: synthetic_image(rng, defect))
+        images += imgs
+        masks += msks
+        labels += lbls
         meta["test"][cls] = entries
     (root / "meta.json").write_text(json.dumps(meta, indent=1))
     return {"images": np.stack(images), "masks": np.stack(masks), "labels": np.asarray(labels), "train_images": np.stack(train_images)}
-
-
-def random_clip(model_cls, seed: int, used_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The official model's random init with biases and LayerNorm parameters perturbed (their init
-    0 / 1 would hide mistakes), unused token rows zeroed, every value rounded to float16."""
-    torch.manual_seed(seed)
-    model = model_cls(**SHAPE)
-    g = torch.Generator().manual_seed(seed + 1)
-    sd = {}
-    for name, p in model.state_dict().items():
-        p = p.detach().clone().float()
-        is_norm = any(part.startswith("ln_") for part in name.split("."))
-        if name.endswith("bias") or is_norm:
-            p += 0.1 * torch.randn(p.shape, generator=g)
-        elif name.endswith("in_proj_weight") or name.endswith("out_proj.weight"):
-            p += 0.02 * torch.randn(p.shape, generator=g)
-        sd[name] = p.half().float()
-    keep = torch.zeros(SHAPE["vocab_size"], dtype=torch.bool)
-    keep[used_tokens] = True
-    sd["token_embedding.weight"][~keep] = 0
-    return sd
 
 
 def randomise_adapters(learners: dict[str, torch.nn.Module], calibrate, seed: int) -> None:
@@ -210,7 +178,8 @@ def main() -> None:
     static_normal, static_abnormal = official_lib.TextualAdapter(official_lib.AdaptCLIP(**SHAPE), SIZE, N_CTX).prompt()
     texts = [" ".join(["X"] * N_CTX) + ".", *static_normal, *static_abnormal]
     used = torch.unique(official_lib.tokenize(texts).long())
-    weights = random_clip(official_lib.AdaptCLIP, args.seed, used)
+    torch.manual_seed(args.seed)
+    weights = perturbed_state(official_lib.AdaptCLIP(**SHAPE), args.seed, used, round_half=True)
 
     def load(name, device="cpu", **_):
         return build_model(name, {k: v.clone() for k, v in weights.items()}).float(), None

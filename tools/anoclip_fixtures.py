@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fixture_io import write_fixtures
+from fixture_io import perturbed_state, write_fixtures, write_test_pair
 
 OFFICIAL_COMMIT = "3a70bfdaea6baf1eeb140c5de8155b535bd94833"
 MODEL_NAME = "clipad-anoclip-fixture"
@@ -68,51 +68,15 @@ def synthetic_image(rng: np.random.Generator, height: int, width: int, defect: b
 
 def write_dataset(root: Path, classes: list[str], height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     """Two test images per class (good, then defective) in the meta.json layout; -> uint8 [N, 3, H, W]."""
-    from PIL import Image
-
     meta: dict = {"train": {}, "test": {}}
     images = []
     for cls in classes:
-        entries = []
-        for i, specie in enumerate(("good", "defect")):
-            img, mask = synthetic_image(rng, height, width, specie != "good")
-            rel = f"{cls}/test/{specie}/{i:03d}.png"
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(root / rel)
-            mask_rel = ""
-            if specie != "good":
-                mask_rel = f"{cls}/ground_truth/{specie}/{i:03d}_mask.png"
-                (root / mask_rel).parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(mask).save(root / mask_rel)
-            entries.append(
-                dict(img_path=rel, mask_path=mask_rel, cls_name=cls, specie_name=specie, anomaly=int(specie != "good"))
-            )
-            images.append(img.transpose(2, 0, 1))
+        entries, imgs, _, _ = write_test_pair(root, cls, lambda defect: synthetic_image(rng, height, width, defect))
+        images += imgs
         meta["test"][cls] = entries
         meta["train"][cls] = []
     (root / "meta.json").write_text(json.dumps(meta, indent=1))
     return np.stack(images)
-
-
-def random_weights(open_clip, seed: int, used_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The official model's random init, with biases and LayerNorm affine parameters perturbed (their
-    init is 0 / 1, which would hide mistakes), and unused token-embedding rows zeroed."""
-    torch.manual_seed(seed)
-    model = open_clip.create_model(MODEL_NAME, SIZE, pretrained=None)
-    g = torch.Generator().manual_seed(seed + 1)
-    sd = {}
-    for name, p in model.state_dict().items():
-        p = p.detach().clone()
-        is_norm = any(part.startswith("ln_") for part in name.split("."))
-        if name.endswith("bias") or is_norm:
-            p += 0.1 * torch.randn(p.shape, generator=g)
-        elif name.endswith("in_proj_weight") or name.endswith("out_proj.weight"):
-            p += 0.02 * torch.randn(p.shape, generator=g)
-        sd[name] = p
-    keep = torch.zeros(sd["token_embedding.weight"].shape[0], dtype=torch.bool)
-    keep[used_tokens] = True
-    sd["token_embedding.weight"][~keep] = 0
-    return sd
 
 
 def main() -> None:
@@ -144,7 +108,8 @@ def main() -> None:
     names = [pe.class_mapping.get(c, c) for c in PROMPT_CLASSES]
     sentences = [t.format(s.format(n)) for n in names for t in templates for s in states]
     used = torch.unique(tokenizer(sentences))
-    weights = random_weights(open_clip, args.seed, used)
+    torch.manual_seed(args.seed)
+    weights = perturbed_state(open_clip.create_model(MODEL_NAME, SIZE, pretrained=None), args.seed, used)
     ckpt = work / "weights.pt"
     torch.save(weights, ckpt)
 

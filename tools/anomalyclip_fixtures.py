@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fixture_io import write_fixtures
+from fixture_io import perturbed_state, write_fixtures, write_test_pair
 
 OFFICIAL_COMMIT = "45ed4dd35c05797d854294b5e8d585c545920089"
 SIZE = 98  # 7 x 7 patches; the native grid is 4 x 4
@@ -79,51 +79,17 @@ def synthetic_image(rng: np.random.Generator, defect: bool) -> tuple[np.ndarray,
 
 def write_dataset(root: Path, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per class a good then a defective test image, meta.json layout -> (images, masks, labels)."""
-    from PIL import Image
-
     meta: dict = {"train": {}, "test": {}}
     images, masks, labels = [], [], []
     for cls in CLASSES:
-        entries = []
-        for i, specie in enumerate(("good", "defect")):
-            img, mask = synthetic_image(rng, specie != "good")
-            rel = f"{cls}/test/{specie}/{i:03d}.png"
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(root / rel)
-            mask_rel = ""
-            if specie != "good":
-                mask_rel = f"{cls}/ground_truth/{specie}/{i:03d}_mask.png"
-                (root / mask_rel).parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(mask).save(root / mask_rel)
-            entries.append(dict(img_path=rel, mask_path=mask_rel, cls_name=cls, specie_name=specie, anomaly=int(specie != "good")))
-            images.append(img.transpose(2, 0, 1))
-            masks.append(mask > 0)
-            labels.append(int(specie != "good"))
+        entries, imgs, msks, lbls = write_test_pair(root, cls, lambda defect: synthetic_image(rng, defect))
+        images += imgs
+        masks += msks
+        labels += lbls
         meta["test"][cls] = entries
         meta["train"][cls] = []
     (root / "meta.json").write_text(json.dumps(meta, indent=1))
     return np.stack(images), np.stack(masks), np.asarray(labels)
-
-
-def random_weights(model_cls, seed: int, used_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The official model's random init with biases and LayerNorm parameters perturbed (their init
-    0 / 1 would hide mistakes), unused token rows zeroed, every value rounded to float16."""
-    torch.manual_seed(seed)
-    model = model_cls(**SHAPE, design_details=DESIGN)
-    g = torch.Generator().manual_seed(seed + 1)
-    sd = {}
-    for name, p in model.state_dict().items():
-        p = p.detach().clone().float()
-        is_norm = any(part.startswith("ln_") for part in name.split("."))
-        if name.endswith("bias") or is_norm:
-            p += 0.1 * torch.randn(p.shape, generator=g)
-        elif name.endswith("in_proj_weight") or name.endswith("out_proj.weight"):
-            p += 0.02 * torch.randn(p.shape, generator=g)
-        sd[name] = p.half().float()
-    keep = torch.zeros(SHAPE["vocab_size"], dtype=torch.bool)
-    keep[used_tokens] = True
-    sd["token_embedding.weight"][~keep] = 0
-    return sd
 
 
 def main() -> None:
@@ -150,7 +116,8 @@ def main() -> None:
     n_ctx = DESIGN["Prompt_length"]
     texts = [" ".join(["X"] * n_ctx) + " object.", " ".join(["X"] * n_ctx) + " damaged object."]
     used = torch.unique(prompt_ensemble.tokenize(texts).long())
-    weights = random_weights(AnomalyCLIP, args.seed, used)
+    torch.manual_seed(args.seed)
+    weights = perturbed_state(AnomalyCLIP(**SHAPE, design_details=DESIGN), args.seed, used, round_half=True)
     weights_file = work / "clip.pt"
     extra = {"input_resolution": torch.tensor(SHAPE["image_resolution"]), "context_length": torch.tensor(77),
              "vocab_size": torch.tensor(SHAPE["vocab_size"])}

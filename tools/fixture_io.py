@@ -8,8 +8,10 @@ official code computed. Both carry ``meta`` in their headers. Tensors only: noth
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -35,3 +37,50 @@ def write_fixtures(
     save_file({k: v.contiguous() for k, v in expected.items()}, str(out / "expected.safetensors"), metadata=meta)
     total = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     print(f"wrote {out} ({total / 1e6:.2f} MB); official commit {official_commit}")
+
+
+def perturbed_state(model: torch.nn.Module, seed: int, used_tokens: torch.Tensor, round_half: bool = False) -> dict[str, torch.Tensor]:
+    """``model``'s state dict (float32) with biases and LayerNorm parameters perturbed (their init
+    0 / 1 would hide mistakes) and attention projections jittered, from a generator seeded
+    ``seed + 1``; token-embedding rows of tokens not in ``used_tokens`` zeroed. ``round_half``
+    rounds every value to float16 (what a float16 fixture stores)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    sd = {}
+    for name, p in model.state_dict().items():
+        p = p.detach().clone().float()
+        is_norm = any(part.startswith("ln_") for part in name.split("."))
+        if name.endswith("bias") or is_norm:
+            p += 0.1 * torch.randn(p.shape, generator=g)
+        elif name.endswith("in_proj_weight") or name.endswith("out_proj.weight"):
+            p += 0.02 * torch.randn(p.shape, generator=g)
+        sd[name] = p.half().float() if round_half else p
+    keep = torch.zeros(sd["token_embedding.weight"].shape[0], dtype=torch.bool)
+    keep[used_tokens] = True
+    sd["token_embedding.weight"][~keep] = 0
+    return sd
+
+
+def write_test_pair(
+    root: Path, cls: str, make_image: Callable[[bool], tuple[np.ndarray, np.ndarray]]
+) -> tuple[list[dict], list[np.ndarray], list[np.ndarray], list[int]]:
+    """A good then a defective test image of class ``cls`` (``make_image(defect) -> (uint8 [H, W, 3],
+    uint8 mask [H, W])``), written in the official ``meta.json`` layout under ``root`` ->
+    (meta entries, images [3, H, W], masks [H, W] bool, labels)."""
+    from PIL import Image
+
+    entries, images, masks, labels = [], [], [], []
+    for i, specie in enumerate(("good", "defect")):
+        img, mask = make_image(specie != "good")
+        rel = f"{cls}/test/{specie}/{i:03d}.png"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / rel)
+        mask_rel = ""
+        if specie != "good":
+            mask_rel = f"{cls}/ground_truth/{specie}/{i:03d}_mask.png"
+            (root / mask_rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(root / mask_rel)
+        entries.append(dict(img_path=rel, mask_path=mask_rel, cls_name=cls, specie_name=specie, anomaly=int(specie != "good")))
+        images.append(img.transpose(2, 0, 1))
+        masks.append(mask > 0)
+        labels.append(int(specie != "good"))
+    return entries, images, masks, labels

@@ -335,7 +335,12 @@ class Backbone(nn.Module):
         length = int(eot.max()) + 1
         cast = clip.transformer.get_cast_dtype()
         x = clip.token_embedding(token_ids[:, :length]).to(cast) + clip.positional_embedding[:length].to(cast)
-        x = clip.transformer(x, attn_mask=clip.attn_mask[:length, :length])
+        return self.pool_text(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]), eot)
+
+    def pool_text(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        """Final text-tower states [T, L, W] and EOT positions [T] -> [T, D] text embeddings
+        (``ln_final`` at the EOT token, then ``text_projection``), as open_clip pools them."""
+        clip = self.clip
         x = clip.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot]
         proj = clip.text_projection

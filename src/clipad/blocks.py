@@ -1,9 +1,10 @@
 """One open_clip ``ResidualAttentionBlock`` step written out with fused attention.
 
 open_clip's block calls ``nn.MultiheadAttention``, which works sequence-first internally: its
-input projection then multiplies a transposed (non-contiguous) activation. On CUDA that costs
-little; under CPU bf16 autocast the product falls back to a batched matmul that copies the
-weight per image (profiled: 75 % of a ViT-B/16 forward at batch 2, ~20x slower than fp32).
+input projection then multiplies a transposed (non-contiguous) activation. Under CPU bf16
+autocast that product falls back to a batched matmul that copies the weight per image:
+profiled, 75 % of a ViT-B/16 forward at batch 2, 2,673 ms per image against 131 ms with this
+module (CUDA not measured).
 :func:`residual_block` computes the same block on the batch-first layout, one ``F.linear`` for
 q, k, v and ``scaled_dot_product_attention`` (PyTorch's fused kernels), equal to the module's own
 forward to float rounding. :func:`qkv_heads` is shared with the dual path (:mod:`clipad.dualpath`).

@@ -61,6 +61,37 @@ def add_model_args(p: argparse.ArgumentParser, multi_method: bool = False) -> No
     g.add_argument("--init-seed", type=int, default=0, help="seed of random weights when --pretrained none (default: 0)")
 
 
+def add_dataset_args(p: argparse.ArgumentParser) -> None:
+    """--dataset/--root and each layout's own options (shared by eval and train)."""
+    g = p.add_argument_group("dataset")
+    g.add_argument("--dataset", required=True, choices=["mvtec", "visa", "meta", "folder"], help="dataset layout")
+    g.add_argument("--root", required=True, help="dataset root directory")
+    g.add_argument("--normal-dir", action="append", default=[], help="folder layout: a normal-image directory under --root (repeatable)")
+    g.add_argument("--abnormal-dir", action="append", default=[], help="folder layout: an anomalous-image directory under --root (repeatable)")
+    g.add_argument("--mask-dir", action="append", default=[], help="folder layout: mask directory, masks matched by file stem (repeatable)")
+    g.add_argument("--class-name", default=None, help="folder layout: class name (default: the root folder's name)")
+    g.add_argument("--meta-path", default=None, help="meta layout: path of meta.json (default: ROOT/meta.json)")
+    g.add_argument("--split-csv", default=None, help="visa layout: split file (default: ROOT/split_csv/1cls.csv)")
+
+
+def dataset_from_args(args: argparse.Namespace):
+    """The :class:`~clipad.data.AnomalyDataset` that :func:`add_dataset_args` options name."""
+    from .data import create_dataset
+    from .errors import ClipadError
+
+    opts: dict = {}
+    if args.dataset == "folder":
+        if not args.normal_dir and not args.abnormal_dir:
+            raise ClipadError("--dataset folder needs --normal-dir and/or --abnormal-dir (relative to --root)")
+        opts = {"normal_dirs": args.normal_dir, "abnormal_dirs": args.abnormal_dir,
+                "mask_dirs": args.mask_dir, "class_name": args.class_name}
+    elif args.dataset == "meta" and args.meta_path:
+        opts["meta_path"] = args.meta_path
+    elif args.dataset == "visa" and args.split_csv:
+        opts["split_csv"] = args.split_csv
+    return create_dataset(args.dataset, args.root, **opts)
+
+
 def method_options(args: argparse.Namespace) -> dict:
     """Method options from --tta, --domain and --set KEY=VALUE."""
     import json

@@ -261,25 +261,20 @@ def write_outputs(result: RunResult, out: Path, config: dict[str, Any]) -> dict[
 
 # -- CLI ---------------------------------------------------------------------------------------
 def add_eval_parser(sub, add_model_args) -> None:
+    from .cli import add_dataset_args
+
     p = sub.add_parser(
         "eval", help="evaluate methods on MVTec AD, VisA, a meta.json list or folders",
         description="Evaluate one or more methods on a dataset: per-class and mean metrics table, "
         "metrics.json, metrics.csv, ROC/PR curves and a self-contained HTML report.",
     )
-    p.add_argument("--dataset", required=True, choices=["mvtec", "visa", "meta", "folder"], help="dataset layout")
-    p.add_argument("--root", required=True, help="dataset root directory")
+    add_dataset_args(p)
     add_model_args(p, multi_method=True)
     p.add_argument("--shots", type=int, default=0, help="k normal reference images per class (default 0: zero-shot)")
     p.add_argument("--seed", type=int, default=10,
                    help="reference sampling seed (default 10; the official AdaptCLIP scripts use 10, 20, 30)")
     p.add_argument("--classes", nargs="+", default=None, help="evaluate only these classes")
     p.add_argument("--out", default="clipad_eval", help="output directory (default: clipad_eval)")
-    p.add_argument("--normal-dir", action="append", default=[], help="folder layout: a normal-image directory under --root (repeatable)")
-    p.add_argument("--abnormal-dir", action="append", default=[], help="folder layout: an anomalous-image directory under --root (repeatable)")
-    p.add_argument("--mask-dir", action="append", default=[], help="folder layout: mask directory, masks matched by file stem (repeatable)")
-    p.add_argument("--class-name", default=None, help="folder layout: class name (default: the root folder's name)")
-    p.add_argument("--meta-path", default=None, help="meta layout: path of meta.json (default: ROOT/meta.json)")
-    p.add_argument("--split-csv", default=None, help="visa layout: split file (default: ROOT/split_csv/1cls.csv)")
     p.add_argument("--eval-size", type=int, default=None, help="map/mask size for pixel metrics (default: the model input size)")
     p.add_argument("--protocol", default="anomalyclip", choices=sorted(metrics_mod.PROTOCOLS),
                    help="metric definitions preset (default: anomalyclip, the official evaluation code)")
@@ -291,25 +286,10 @@ def add_eval_parser(sub, add_model_args) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-def _dataset_options(args: argparse.Namespace) -> dict[str, Any]:
-    if args.dataset == "folder":
-        if not args.normal_dir and not args.abnormal_dir:
-            raise ClipadError("--dataset folder needs --normal-dir and/or --abnormal-dir (relative to --root)")
-        return {"normal_dirs": args.normal_dir, "abnormal_dirs": args.abnormal_dir,
-                "mask_dirs": args.mask_dir, "class_name": args.class_name}
-    opts: dict[str, Any] = {}
-    if args.dataset == "meta" and args.meta_path:
-        opts["meta_path"] = args.meta_path
-    if args.dataset == "visa" and args.split_csv:
-        opts["split_csv"] = args.split_csv
-    return opts
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .cli import build_detector
-    from .data import create_dataset
+    from .cli import build_detector, dataset_from_args
 
-    dataset = create_dataset(args.dataset, args.root, **_dataset_options(args))
+    dataset = dataset_from_args(args)
     methods = args.method if isinstance(args.method, list) else [args.method]
     any_failed = False
     for method in methods:

@@ -91,12 +91,7 @@ def encode_prompt_embeddings(
             x = blk(x, attn_mask=mask)
         else:  # sequence-first towers (older open_clip)
             x = blk(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
-    x = clip.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), eot]
-    proj = clip.text_projection
-    if proj is None:
-        return x
-    return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+    return backbone.pool_text(x, eot)
 
 
 class LearnablePrompts(nn.Module):

@@ -461,6 +461,8 @@ def _write_log_json(out: Path, run: dict[str, Any], history: list[dict[str, floa
 
 
 def add_train_parser(sub, add_model_args) -> None:
+    from .cli import add_dataset_args
+
     """Register ``clipad train`` (the lead wires it into :mod:`clipad.cli`)."""
     p = sub.add_parser(
         "train", help="train a learned method (anomalyclip, ...) on an auxiliary dataset",
@@ -468,8 +470,7 @@ def add_train_parser(sub, add_model_args) -> None:
         "split with masks: train on MVTec AD to evaluate on VisA, and the reverse). Writes OUT/<method>.safetensors "
         "(load with clipad.load_detector or --detector), per-epoch resumable checkpoints and CSV/JSON logs.",
     )
-    p.add_argument("--dataset", required=True, choices=["mvtec", "visa", "meta", "folder"], help="dataset layout")
-    p.add_argument("--root", required=True, help="dataset root directory")
+    add_dataset_args(p)
     add_model_args(p)
     p.set_defaults(method="anomalyclip", batch_size=None)
     p.add_argument("--out", required=True, help="output directory (checkpoints, logs, final detector)")
@@ -481,23 +482,15 @@ def add_train_parser(sub, add_model_args) -> None:
     p.add_argument("--classes", nargs="+", default=None, help="train only on these classes")
     p.add_argument("--resume", action="store_true", help="continue from the last complete epoch checkpoint in --out")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
-    p.add_argument("--normal-dir", action="append", default=[], help="folder layout: a normal-image directory under --root (repeatable)")
-    p.add_argument("--abnormal-dir", action="append", default=[], help="folder layout: an anomalous-image directory under --root (repeatable)")
-    p.add_argument("--mask-dir", action="append", default=[], help="folder layout: mask directory, masks matched by file stem (repeatable)")
-    p.add_argument("--class-name", default=None, help="folder layout: class name (default: the root folder's name)")
-    p.add_argument("--meta-path", default=None, help="meta layout: path of meta.json (default: ROOT/meta.json)")
-    p.add_argument("--split-csv", default=None, help="visa layout: split file (default: ROOT/split_csv/1cls.csv)")
     p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (default: 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .cli import build_detector
-    from .data import create_dataset
-    from .evaluate import _dataset_options
+    from .cli import build_detector, dataset_from_args
 
-    dataset = create_dataset(args.dataset, args.root, **_dataset_options(args))
+    dataset = dataset_from_args(args)
     if args.classes:
         dataset = dataset.filter(class_name=args.classes)
     samples = dataset if args.split == "all" else dataset.filter(split=args.split)

@@ -54,6 +54,11 @@ def synthetic_set(n: int, size: int, *, seed: int = 0, anomalous_fraction: float
     return SyntheticSet(images, labels, masks)
 
 
+def _to_uint8(image: torch.Tensor) -> np.ndarray:
+    """[3, H, W] float in [0, 1] -> [H, W, 3] uint8."""
+    return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
 def _save_png(array: np.ndarray, path: Path) -> None:
     from PIL import Image
 
@@ -82,13 +87,12 @@ def write_mvtec_tree(
     for c, name in enumerate(names):
         train = synthetic_set(n_train, size, seed=seed * 1000 + 2 * c, anomalous_fraction=0.0) if n_train else None
         test = synthetic_set(n_good + n_bad, size, seed=seed * 1000 + 2 * c + 1, anomalous_fraction=n_bad / max(1, n_good + n_bad))
-        to_u8 = lambda t: (t.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # noqa: E731
         for i in range(n_train if train is not None else 0):
-            _save_png(to_u8(train.images[i]), root / name / "train" / "good" / f"{i:03d}.png")
+            _save_png(_to_uint8(train.images[i]), root / name / "train" / "good" / f"{i:03d}.png")
         for i in range(len(test.labels)):
             if int(test.labels[i]) == 0:
-                _save_png(to_u8(test.images[i]), root / name / "test" / "good" / f"{i:03d}.png")
+                _save_png(_to_uint8(test.images[i]), root / name / "test" / "good" / f"{i:03d}.png")
             else:
-                _save_png(to_u8(test.images[i]), root / name / "test" / "defect" / f"{i:03d}.png")
+                _save_png(_to_uint8(test.images[i]), root / name / "test" / "defect" / f"{i:03d}.png")
                 _save_png(test.masks[i].numpy().astype(np.uint8) * 255, root / name / "ground_truth" / "defect" / f"{i:03d}_mask.png")
     return root

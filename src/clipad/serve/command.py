@@ -67,16 +67,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m clipad.serve ...``: the same as ``clipad serve ...``."""
-    from ..cli import EXIT_USAGE, _err, add_model_args
+    from ..cli import main as clipad_main
 
-    parser = argparse.ArgumentParser(prog="python -m clipad.serve")
-    sub = parser.add_subparsers(dest="command")
-    add_serve_parser(sub, add_model_args)
-    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args) or 0)
-    except ClipadError as exc:
-        _err(str(exc))
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130
+    return clipad_main(["serve", *(sys.argv[1:] if argv is None else argv)])

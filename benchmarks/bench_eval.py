@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from clipad.cli import main as clipad_main
+from clipad.cli.predict import main as clipad_main
 from clipad.data.synthetic import write_mvtec_tree
 
 

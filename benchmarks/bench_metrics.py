@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from clipad import metrics as M
-from clipad.bench import measure
+from clipad.eval import metrics as M
+from clipad.eval.speed import measure
 
 
 def synthetic_eval(n_images: int, size: int, seed: int, device: str, dtype: torch.dtype):

@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from clipad import ot
-from clipad.bench import measure
+from clipad.methods.tokenclip import ot
+from clipad.eval.speed import measure
 
 
 def main() -> None:

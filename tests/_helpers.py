@@ -66,8 +66,8 @@ def load_openai_fixture(fixtures: Path, name: str, tmp_dir: Path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from clipad.backbone import OPENAI_MEAN, OPENAI_STD, Backbone, _load_into
-    from clipad.weights import read_state_dict
+    from clipad.backbones.clip import OPENAI_MEAN, OPENAI_STD, Backbone, _load_into
+    from clipad.backbones.weights import read_state_dict
 
     with safe_open(str(fixtures / "model.safetensors"), "pt") as f:
         meta = f.metadata()

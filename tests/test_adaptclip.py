@@ -23,15 +23,8 @@ from PIL import Image
 import clipad
 from _helpers import load_openai_fixture, random_images, report_max_diff, tiny_detector, write_folder_dataset
 from clipad import ClipadError
-from clipad import train as training
-from clipad.methods.adaptclip import (
-    AdaptCLIP,
-    PromptQueryAdapter,
-    TokenAdapter,
-    convert_official,
-    dual_path_start,
-    nearest_reference,
-)
+from clipad.train import loop as training
+from clipad.methods.adaptclip.model import AdaptCLIP, PromptQueryAdapter, TokenAdapter, convert_official, dual_path_start, nearest_reference
 
 FIXTURES = Path(__file__).parent / "fixtures" / "adaptclip"
 ATOL_MAPS = 1e-4
@@ -194,11 +187,9 @@ def test_fixture_through_convert(official, tmp_path):
 
 
 def _convert_cli(argv: list[str]) -> int:
-    from clipad.convert import add_convert_parser
+    from clipad.cli import build_parser
 
-    parser = argparse.ArgumentParser(prog="clipad")
-    add_convert_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["convert", *argv])
+    args = build_parser().parse_args(["convert", *argv])
     return args.func(args)
 
 
@@ -436,11 +427,9 @@ def test_reference_sampler_draws_same_class_normals(tmp_path):
 
 
 def _train_cli(argv: list[str]) -> int:
-    from clipad.cli import add_model_args
+    from clipad.cli import build_parser
 
-    parser = argparse.ArgumentParser(prog="clipad")
-    training.add_train_parser(parser.add_subparsers(dest="command"), add_model_args)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*randomly initialised.*")
         return args.func(args)

@@ -19,17 +19,10 @@ import torch
 import clipad
 from _helpers import random_images, report_max_diff, tiny_detector
 from clipad import ClipadError
-from clipad.backbone import OPENAI_MEAN, OPENAI_STD, Backbone
-from clipad.dualpath import encode_image_dualpath, first_block_of_last
-from clipad.methods.anoclip import AnoCLIP, augmented_views, stitch_tiles, tile_offsets
-from clipad.prompts_anoclip import (
-    ABNORMAL_STATES,
-    NORMAL_STATES,
-    prompt_class_name,
-    resolve_domain,
-    state_sentences,
-    templates_for,
-)
+from clipad.backbones.clip import OPENAI_MEAN, OPENAI_STD, Backbone
+from clipad.backbones.dualpath import encode_image_dualpath, first_block_of_last
+from clipad.methods.anoclip.model import AnoCLIP, augmented_views, stitch_tiles, tile_offsets
+from clipad.methods.anoclip.prompts import ABNORMAL_STATES, NORMAL_STATES, prompt_class_name, resolve_domain, state_sentences, templates_for
 
 FIXTURES = Path(__file__).parent / "fixtures" / "anoclip"
 ATOL = 1e-4

@@ -24,10 +24,10 @@ from PIL import Image
 import clipad
 from _helpers import load_openai_fixture, random_images, report_max_diff, tiny_detector, write_folder_dataset
 from clipad import ClipadError
-from clipad import train as training
+from clipad.train import loop as training
 from clipad.convert import convert_checkpoint, read_learned_weights
-from clipad.methods.anomalyclip import AnomalyCLIP
-from clipad.prompt_learning import LearnablePrompts, encode_prompt_embeddings
+from clipad.methods.anomalyclip.model import AnomalyCLIP
+from clipad.components.prompt_learning import LearnablePrompts, encode_prompt_embeddings
 
 FIXTURES = Path(__file__).parent / "fixtures" / "anomalyclip"
 ATOL_MAPS = 1e-4
@@ -215,7 +215,7 @@ def test_map_is_blurred_probability_sum(tiny):
     # the per-patch abnormal probability, computed independently of the method's helpers
     text = tiny.text_features()
     with torch.no_grad():
-        from clipad.dualpath import encode_image_dualpath
+        from clipad.backbones.dualpath import encode_image_dualpath
 
         feats = encode_image_dualpath(tiny.backbone, x, 1, vv_taps=(4,), pos_interp="bilinear")
         tokens = tiny.backbone.project(feats.vv_taps[4])[:, 1:]
@@ -331,11 +331,9 @@ def test_deep_prompts_matter_and_get_gradients(tiny):
 
 def _train_cli(argv: list[str]) -> int:
     """``clipad train`` through its own parser (the CLI registers it the same way)."""
-    from clipad.cli import add_model_args
+    from clipad.cli import build_parser
 
-    parser = argparse.ArgumentParser(prog="clipad")
-    training.add_train_parser(parser.add_subparsers(dest="command"), add_model_args)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*randomly initialised.*")
         return args.func(args)

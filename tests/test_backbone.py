@@ -16,7 +16,7 @@ from open_clip.model import resize_pos_embed
 
 import clipad
 from clipad import ClipadError
-from clipad.backbone import Backbone, _tiny_config, create_backbone, list_backbones
+from clipad.backbones.clip import Backbone, _tiny_config, create_backbone, list_backbones
 
 ATOL = 1e-5
 
@@ -322,7 +322,7 @@ def test_fused_block_equals_open_clip_block():
     """residual_block (batch-first, SDPA) computes open_clip's own block forward."""
     import open_clip
 
-    from clipad.blocks import fusable, residual_block
+    from clipad.backbones.blocks import fusable, residual_block
 
     torch.manual_seed(0)
     blk = open_clip.transformer.ResidualAttentionBlock(64, 4, ls_init_value=0.5).eval()
@@ -333,7 +333,7 @@ def test_fused_block_equals_open_clip_block():
 
 
 def test_unfusable_block_runs_its_own_forward():
-    from clipad.blocks import fusable, residual_block
+    from clipad.backbones.blocks import fusable, residual_block
 
     class Custom(torch.nn.Module):
         def forward(self, x):

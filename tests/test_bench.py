@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from clipad.backbone import create_backbone
-from clipad.bench import vit_forward_flops
+from clipad.backbones.clip import create_backbone
+from clipad.eval.speed import vit_forward_flops
 from clipad.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")

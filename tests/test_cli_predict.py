@@ -26,7 +26,7 @@ from PIL import Image
 
 import clipad
 from clipad.cli import build_parser, main
-from clipad.imageio import load_image
+from clipad.data.images import load_image
 
 SIZE = "64"  # model input size: a 4x4 patch grid keeps every run fast on CPU
 FAST = ["--backbone", "tiny", "--pretrained", "none", "--image-size", SIZE, "--quiet"]

@@ -14,22 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clipad.data import (
-    AnomalyDataset,
-    LoadFailure,
-    Sample,
-    SampleLoader,
-    collate_samples,
-    create_dataset,
-    few_shot_split,
-    folder_dataset,
-    list_datasets,
-    make_loader,
-    meta_dataset,
-    mvtec_dataset,
-    sample_references,
-    visa_dataset,
-)
+from clipad.data import AnomalyDataset, LoadFailure, Sample, SampleLoader, collate_samples, create_dataset, few_shot_split, folder_dataset, list_datasets, make_loader, meta_dataset, mvtec_dataset, sample_references, visa_dataset
 from clipad.errors import ClipadError, UnknownNameError
 
 # --------------------------------------------------------------------------- builders

@@ -14,7 +14,7 @@ from _helpers import random_images, tiny_detector
 import clipad
 from clipad.cli import build_parser, build_detector
 from clipad.data.loading import Batch
-from clipad.preprocess import resize_batch, resize_map
+from clipad.data.transforms import resize_batch, resize_map
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

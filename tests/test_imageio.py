@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from clipad.errors import ClipadError, ImageReadError
-from clipad.imageio import IMAGE_EXTENSIONS, list_images, load_image, load_mask
+from clipad.data.images import IMAGE_EXTENSIONS, list_images, load_image, load_mask
 
 
 def _assert_rgb8(image: Image.Image, size: tuple[int, int]) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.metrics import log_loss
 
-from clipad.losses import dice_loss, focal_loss, image_cross_entropy, segmentation_loss
+from clipad.components.losses import dice_loss, focal_loss, image_cross_entropy, segmentation_loss
 
 
 def _probs(b: int, h: int, w: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

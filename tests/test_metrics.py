@@ -13,7 +13,7 @@ import scipy.ndimage as ndi
 import torch
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 
-from clipad import metrics as M
+from clipad.eval import metrics as M
 from clipad.errors import UnknownNameError
 
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz

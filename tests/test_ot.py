@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.optimize import linprog
 
-from clipad import ot
+from clipad.methods.tokenclip import ot
 from clipad.errors import UnknownNameError
 
 # --------------------------------------------------------------------------- references

@@ -21,9 +21,9 @@ import torch
 from _helpers import tiny_detector
 
 import clipad
-from clipad import metrics
+from clipad.eval import metrics
 from clipad.data.synthetic import synthetic_set
-from clipad.precision import autocast_off, float32_head
+from clipad.backbones.precision import autocast_off, float32_head
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

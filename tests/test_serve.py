@@ -282,7 +282,7 @@ def test_load_image_bytes_matches_load_image(tmp_path):
     image = Image.fromarray((np.random.default_rng(5).random((30, 40)) * 65535).astype(np.uint16))  # 16-bit gray
     path = tmp_path / "g16.png"
     image.save(path)
-    from clipad.imageio import load_image
+    from clipad.data.images import load_image
 
     a, b = load_image(path), load_image_bytes(path.read_bytes(), "g16.png")
     assert a.mode == b.mode == "RGB" and np.array_equal(np.asarray(a), np.asarray(b))
@@ -316,11 +316,9 @@ def test_batcher_coalesces_and_isolates_failures():
 
 
 def test_serve_parser_defaults():
-    from clipad.cli import add_model_args
-    from clipad.serve import add_serve_parser
+    from clipad.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    add_serve_parser(parser.add_subparsers(dest="command"), add_model_args)
+    parser = build_parser()
     args = parser.parse_args(["serve", "--backbone", "tiny"])
     assert (args.host, args.port, args.max_batch, args.max_upload_mb, args.token, args.threshold) == (
         "127.0.0.1", 8000, 16, 20.0, None, None)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from clipad.smoothing import gaussian_blur, gaussian_kernel1d, reflect_indices
+from clipad.components.smoothing import gaussian_blur, gaussian_kernel1d, reflect_indices
 
 
 @pytest.mark.parametrize(
@@ -54,7 +54,7 @@ def test_sigma_zero_is_identity_and_half_precision_kept():
 
 def test_blur_matrix_is_the_reflected_correlation():
     """Row i of the matrix holds the kernel taps at their reflected source columns (slow loop)."""
-    from clipad.smoothing import blur_matrix
+    from clipad.components.smoothing import blur_matrix
 
     w = gaussian_kernel1d(2.0)
     r = (w.numel() - 1) // 2

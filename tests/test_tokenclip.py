@@ -22,14 +22,10 @@ from PIL import Image
 
 import clipad
 from _helpers import random_images, tiny_detector, write_folder_dataset
-from clipad import ClipadError, UnknownNameError, ot
-from clipad import train as training
-from clipad.methods.tokenclip import (
-    TokenCLIP,
-    cross_subspace_cosines,
-    orthogonality_penalty,
-    orthogonalize_subspaces,
-)
+from clipad import ClipadError, UnknownNameError
+from clipad.methods.tokenclip import ot
+from clipad.train import loop as training
+from clipad.methods.tokenclip.model import TokenCLIP, cross_subspace_cosines, orthogonality_penalty, orthogonalize_subspaces
 
 SIZE = 64  # tiny at 64 px: a 4x4 patch grid
 ORTHO_ATOL = 1e-5
@@ -306,13 +302,11 @@ def test_learned_subspaces_round_trip(tmp_path):
 def test_smoke_training_loss_decreases(tmp_path):
     """``clipad train --method tokenclip`` on generated data: the loss falls, the subspaces stay
     orthogonal, and the result loads back."""
-    from clipad.cli import add_model_args
+    from clipad.cli import build_parser
 
     root, out = tmp_path / "data", tmp_path / "run"
     write_folder_dataset(root)
-    parser = argparse.ArgumentParser(prog="clipad")
-    training.add_train_parser(parser.add_subparsers(dest="command"), add_model_args)
-    args = parser.parse_args([
+    args = build_parser().parse_args([
         "train", "--method", "tokenclip", "--backbone", "tiny", "--pretrained", "none", "--dataset", "folder",
         "--root", str(root), "--normal-dir", "good", "--abnormal-dir", "bad", "--mask-dir", "masks", "--out", str(out),
         "--image-size", str(SIZE), "--batch-size", "4", "--workers", "0", "--quiet", "--lr", "0.003", "--epochs", "8",

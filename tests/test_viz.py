@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipad import viz
+from clipad.eval import viz
 
 sk_metrics = pytest.importorskip("sklearn.metrics")
 

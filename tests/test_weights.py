@@ -23,8 +23,8 @@ from torch import nn
 
 import clipad
 from clipad import ClipadError, UnknownNameError, WeightsNotFound
-from clipad import weights as weights_mod
-from clipad.backbone import _tiny_config, create_backbone
+from clipad.backbones import weights as weights_mod
+from clipad.backbones.clip import _tiny_config, create_backbone
 
 SOURCE_SEED = 11  # != create_backbone's default seed 0, so a load that did nothing is caught
 OPENAI_KEYS = {"input_resolution": torch.tensor(224), "context_length": torch.tensor(77), "vocab_size": torch.tensor(49408)}

@@ -7,12 +7,14 @@
 (torch.Size([2]), torch.Size([2, 240, 240]))
 """
 
-__version__ = "0.1.0"
-
+from . import _compat
 from .api import create_detector, load_detector
-from .backbone import list_backbones
+from .backbones import list_backbones
 from .errors import ClipadError, ImageReadError, UnknownNameError, WeightsNotFound
 from .methods import Detector, Prediction, list_methods
+from .version import __version__
+
+_compat.install()
 
 __all__ = [
     "ClipadError",

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .backbone import _check_name, create_backbone
+from .backbones.clip import _check_name, create_backbone
 from .errors import ClipadError
 from .methods import get_method
 from .methods.base import Detector

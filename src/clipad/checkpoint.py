@@ -25,7 +25,7 @@ FORMAT = "clipad"
 
 
 def save_detector(det: Detector, path: str | Path) -> Path:
-    from . import __version__
+    from .version import __version__
 
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}

@@ -24,7 +24,6 @@ forward) and the buffers ``token_prefix_*``, ``token_suffix_*``, ``tokenized_pro
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
@@ -73,7 +72,7 @@ def _summarise_dropped(keys: list[str]) -> list[str]:
 
 def convert_anomalyclip(obj: Any) -> Converted:
     """An official AnomalyCLIP checkpoint object -> :class:`Converted` (see the module docstring)."""
-    from .methods.anomalyclip import default_image_size
+    from .methods.anomalyclip.model import default_image_size
 
     if not isinstance(obj, dict) or "prompt_learner" not in obj:
         found = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
@@ -105,7 +104,7 @@ def convert_anomalyclip(obj: Any) -> Converted:
 def convert_adaptclip(obj: Any) -> Converted:
     """An official AdaptCLIP checkpoint object -> :class:`Converted` (the mapping is documented in
     :func:`clipad.methods.adaptclip.convert_official`)."""
-    from .methods.adaptclip import convert_official
+    from .methods.adaptclip.model import convert_official
 
     return convert_official(obj)
 
@@ -144,7 +143,7 @@ def convert_checkpoint(
     """
     from safetensors.torch import save_file
 
-    from . import __version__
+    from .version import __version__
     from .checkpoint import FORMAT
     from .methods import get_method
 
@@ -195,26 +194,5 @@ def read_learned_weights(path: str | Path, method: str) -> dict[str, torch.Tenso
 # --------------------------------------------------------------------------- CLI
 
 
-def add_convert_parser(sub) -> None:
-    """Register ``clipad convert`` (the lead wires it into :mod:`clipad.cli`)."""
-    p = sub.add_parser(
-        "convert", help="import an official checkpoint (AnomalyCLIP) into clipad's format",
-        description="Read an official checkpoint (.pth, tensors only) and write a clipad .safetensors usable with "
-        "clipad.load_detector / --detector, or as create_detector(METHOD, checkpoint=OUT).",
-    )
-    p.add_argument("--from", dest="source", required=True, choices=sorted(CONVERTERS), help="which official code wrote the file")
-    p.add_argument("input", metavar="OFFICIAL.pth", help="the official checkpoint")
-    p.add_argument("output", metavar="OUT.safetensors", help="the clipad checkpoint to write")
-    p.add_argument("--backbone", default=None, help="backbone recorded in the header (default: the paper's)")
-    p.add_argument("--pretrained", default=None,
-                   help="weights recorded in the header: an open_clip tag or a file (default: the paper's, e.g. openai)")
-    p.set_defaults(func=cmd_convert)
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    kwargs: dict[str, Any] = {"backbone": args.backbone}
-    if args.pretrained is not None:
-        kwargs["pretrained"] = None if args.pretrained.lower() in ("none", "random") else args.pretrained
-    out = convert_checkpoint(args.source, args.input, args.output, **kwargs)
-    print(f"{args.input} -> {out} (clipad.load_detector('{out}') or checkpoint='{out}')")
-    return 0

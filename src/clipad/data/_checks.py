@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from clipad.errors import ClipadError
-from clipad.imageio import IMAGE_EXTENSIONS
+from clipad.data.images import IMAGE_EXTENSIONS
 
 MASK_SUFFIX = "_mask"
 EXTENSIONS_TEXT = ", ".join(sorted(IMAGE_EXTENSIONS))

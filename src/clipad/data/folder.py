@@ -19,16 +19,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from clipad.data._checks import (
-    EXTENSIONS_TEXT,
-    mask_key,
-    require_dir,
-    warn_missing_masks,
-    warn_orphan_masks,
-)
+from clipad.data._checks import EXTENSIONS_TEXT, mask_key, require_dir, warn_missing_masks, warn_orphan_masks
 from clipad.data.sample import ANOMALOUS, NORMAL, AnomalyDataset, Sample
 from clipad.errors import ClipadError
-from clipad.imageio import list_images
+from clipad.data.images import list_images
 
 __all__ = ["folder_dataset"]
 

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from clipad.data.sample import NORMAL, Sample
 from clipad.errors import ImageReadError
-from clipad.imageio import load_image, load_mask
+from clipad.data.images import load_image, load_mask
 
 __all__ = ["Batch", "LoadFailure", "LoadedSample", "SampleLoader", "collate_samples", "make_loader"]
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from clipad.data._checks import mask_key, require_dir, summarise_paths, warn_missing_masks, warn_orphan_masks
 from clipad.data.sample import ANOMALOUS, NORMAL, AnomalyDataset, Sample
 from clipad.errors import ClipadError
-from clipad.imageio import list_images
+from clipad.data.images import list_images
 
 __all__ = ["mvtec_dataset"]
 

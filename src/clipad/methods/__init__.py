@@ -1,4 +1,8 @@
-"""Methods: one module each, registered by name. Importing this package registers them all."""
+"""Methods: one folder each, registered by name. Importing this package registers them all.
+
+A new method is a folder ``methods/<name>/`` (its model, options, converter and helpers) plus
+one line below; see docs/architecture.md.
+"""
 
 from .base import Detector, Prediction
 from .registry import get_method, list_methods, register_method

@@ -21,9 +21,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..backbone import Backbone
+from ..backbones.clip import Backbone
 from ..errors import ClipadError
-from ..preprocess import ImageInput, as_image_list, equal_runs, resize_batch, resize_map
+from ..data.transforms import ImageInput, as_image_list, equal_runs, resize_batch, resize_map
 
 DEFAULT_CLASS = "object"
 

@@ -1,5 +1,7 @@
+"""``python -m clipad.serve ...``: the same as ``clipad serve ...`` (an entry point, above every layer)."""
+
 import sys
 
-from .command import main
+from ..cli.serve import main
 
 sys.exit(main())

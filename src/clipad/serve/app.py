@@ -39,7 +39,7 @@ from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from .. import __version__
+from ..version import __version__
 from ..errors import ClipadError, ImageReadError
 from ..methods.base import DEFAULT_CLASS
 from . import references as refstore

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import ImageReadError
 
 # Shared with the path-based reader on purpose: one definition of "an image as clipad sees it".
-from ..imageio import _apply_orientation, _to_rgb
+from ..data.images import _apply_orientation, _to_rgb
 
 __all__ = ["ImageTooLarge", "load_image_bytes", "map_png", "overlay_png", "png_base64"]
 
@@ -86,7 +86,7 @@ def png_base64(image: Image.Image) -> str:
 
 def overlay_png(image: Image.Image, amap: np.ndarray) -> str:
     """Heatmap over the image (colour range: the map's own min..max), as base64 PNG."""
-    from ..viz import overlay
+    from ..eval.viz import overlay
 
     return png_base64(Image.fromarray(overlay(image, amap)))
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import ClipadError, ImageReadError
-from ..imageio import load_image
+from ..data.images import load_image
 
 __all__ = ["MAX_CLASS_NAME", "check_class_name", "class_dirname", "delete", "load_all", "save"]
 

@@ -36,14 +36,14 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..backbone import Backbone
-from ..dualpath import encode_image_dualpath
-from ..errors import ClipadError
-from ..losses import image_cross_entropy, segmentation_loss
-from ..prompt_learning import LearnablePrompts
-from ..smoothing import gaussian_blur
-from .base import Detector
-from .registry import register_method
+from ...backbones.clip import Backbone
+from ...backbones.dualpath import encode_image_dualpath
+from ...errors import ClipadError
+from ...components.losses import image_cross_entropy, segmentation_loss
+from ...components.prompt_learning import LearnablePrompts
+from ...components.smoothing import gaussian_blur
+from ..base import Detector
+from ..registry import register_method
 
 PROMPT_TEXTS = ("{} object.", "{} damaged object.")  # normal, abnormal; "object" for every class
 PAPER_IMAGE_SIZE = 518
@@ -142,7 +142,7 @@ class AnomalyCLIP(Detector):
             backbone, PROMPT_TEXTS, n_ctx, deep_depth=deep_depth, deep_length=deep_length, deep_fp16=deep_fp16
         )
         if checkpoint is not None:
-            from ..convert import read_learned_weights
+            from ...convert import read_learned_weights
 
             self.load_learned_state(read_learned_weights(checkpoint, self.name))
 

@@ -28,12 +28,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..backbone import Backbone
-from ..errors import ClipadError
-from ..precision import float32_head
-from ..text import WINCLIP_ANOMALOUS_STATES, WINCLIP_NORMAL_STATES, WINCLIP_TEMPLATES, state_embeddings
-from .base import Detector
-from .registry import register_method
+from ...backbones.clip import Backbone
+from ...errors import ClipadError
+from ...backbones.precision import float32_head
+from ...components.prompts import WINCLIP_ANOMALOUS_STATES, WINCLIP_NORMAL_STATES, WINCLIP_TEMPLATES, state_embeddings
+from ..base import Detector
+from ..registry import register_method
 
 
 def window_indices(grid: tuple[int, int], k: int, stride: int = 1) -> torch.Tensor:

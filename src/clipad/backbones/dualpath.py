@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import Backbone
+from .clip import Backbone
 from .blocks import fusable, merge_heads, qkv_heads, residual_block
-from .errors import ClipadError
+from ..errors import ClipadError
 
 
 @dataclass

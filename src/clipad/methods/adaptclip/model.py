@@ -55,15 +55,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbone import Backbone
-from ..dualpath import encode_image_dualpath
-from ..errors import ClipadError
-from ..losses import image_cross_entropy, segmentation_loss
-from ..prompt_learning import LearnablePrompts
-from ..smoothing import gaussian_blur
-from ..text import WINCLIP_ANOMALOUS_STATES, WINCLIP_NORMAL_STATES, WINCLIP_TEMPLATES, state_embeddings
-from .base import Detector
-from .registry import register_method
+from ...backbones.clip import Backbone
+from ...backbones.dualpath import encode_image_dualpath
+from ...errors import ClipadError
+from ...components.losses import image_cross_entropy, segmentation_loss
+from ...components.prompt_learning import LearnablePrompts
+from ...components.smoothing import gaussian_blur
+from ...components.prompts import WINCLIP_ANOMALOUS_STATES, WINCLIP_NORMAL_STATES, WINCLIP_TEMPLATES, state_embeddings
+from ..base import Detector
+from ..registry import register_method
 
 PROMPT_TEXTS = ("{}.", "{}.")  # normal, abnormal: context vectors only, no template
 STATIC_CLASS = "object"  # the official static text never names the class
@@ -312,7 +312,7 @@ class AdaptCLIP(Detector):
         self.pq_adapter = PromptQueryAdapter(dim, int(pq_mid_dim), len(self.tap_layers), context=pq_context)
         self.reset_parameters(0)
         if checkpoint is not None:
-            from ..convert import read_learned_weights
+            from ...convert import read_learned_weights
 
             self.load_learned_state(read_learned_weights(checkpoint, self.name))
 
@@ -519,7 +519,7 @@ def convert_official(obj: Any):
     ``token_suffix_*``, ``tokenized_prompts_*`` (clipad recomputes them) and BatchNorm
     ``num_batches_tracked``.
     """
-    from ..convert import Converted
+    from ...convert import Converted
 
     if not isinstance(obj, dict) or not all(k in obj for k in _OFFICIAL_LEARNERS):
         found = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .backbone import Backbone
+from ..backbones.clip import Backbone
 
 # WinCLIP's compositional prompt ensemble (WinCLIP paper, as in anomalib's reference
 # implementation). The repeated "jpeg corrupted ... the" frame is kept on purpose: the reference

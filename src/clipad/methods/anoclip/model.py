@@ -45,13 +45,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbone import Backbone
-from ..dualpath import encode_image_dualpath, first_block_of_last
-from ..errors import ClipadError
-from ..precision import float32_head
-from ..prompts_anoclip import DOMAIN_PHRASES, DOMAINS, encode_prompt_set, prompt_class_name, resolve_domain
-from .base import Detector
-from .registry import register_method
+from ...backbones.clip import Backbone
+from ...backbones.dualpath import encode_image_dualpath, first_block_of_last
+from ...errors import ClipadError
+from ...backbones.precision import float32_head
+from .prompts import DOMAIN_PHRASES, DOMAINS, encode_prompt_set, prompt_class_name, resolve_domain
+from ..base import Detector
+from ..registry import register_method
 
 ADAPTERS = ("text", "linear")
 N_VIEWS = 22

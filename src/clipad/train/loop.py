@@ -39,25 +39,24 @@ training seed, so it is rebuilt on resume by replaying the draws; nothing else d
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .convert import read_learned_weights
-from .errors import ClipadError
+from ..convert import read_learned_weights
+from ..errors import ClipadError
+from .sampling import ReferenceSampler, epoch_orders, official_image_transform, official_mask
+from .state import CHECKPOINT_DIR, check_resumable, epoch_paths, last_checkpoint, load_optimizer, save_optimizer
 
-CHECKPOINT_DIR = "checkpoints"
 LOG_CSV = "train_log.csv"
 LOG_JSON = "train_log.json"
 
@@ -94,38 +93,6 @@ class TrainResult:
 # --------------------------------------------------------------------------- data
 
 
-def official_image_transform(size: int) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image -> [3, size, size] float in [0, 1]: PIL bicubic resize, as the official
-    ``Resize((S, S), BICUBIC)`` + ``ToTensor`` (CLIP normalisation is the detector's)."""
-
-    def transform(image: Image.Image) -> torch.Tensor:
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.BICUBIC)
-        arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
-
-    return transform
-
-
-def official_mask(mask: torch.Tensor | None, size: int) -> torch.Tensor:
-    """bool [H, W] mask (or None) -> float [size, size] in {0, 1}: a 0/255 image resized with PIL
-    bilinear, then ``> 0.5`` of the range, as the official ``Resize`` + ``ToTensor`` + threshold.
-    None (an anomalous image without a mask) gives an all-normal mask, as the official loader."""
-    if mask is None or not bool(mask.any()):
-        return torch.zeros(size, size)
-    img = Image.fromarray(mask.numpy().astype(np.uint8) * 255, mode="L")
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(img) > 127).float()
-
-
-def epoch_orders(n: int, seed: int) -> Iterator[torch.Tensor]:
-    """The sample order of epoch 0, 1, 2, ...: successive ``randperm(n)`` of one seeded generator."""
-    g = torch.Generator().manual_seed(int(seed))
-    while True:
-        yield torch.randperm(n, generator=g)
-
-
 # --------------------------------------------------------------------------- optimisation
 
 
@@ -155,69 +122,7 @@ def train_step(
     return float(loss.detach()), {k: float(v) for k, v in parts.items()}
 
 
-def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    """Optimizer state as safetensors: state tensors as ``state.<param>.<name>``, everything else
-    (param groups, non-tensor state) as JSON in the header. No pickle."""
-    from safetensors.torch import save_file
-
-    sd = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, Any] = {}
-    for pid, state in sd["state"].items():
-        for name, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{pid}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{name}"] = value
-    meta = {
-        "format": "clipad-optimizer",
-        "optimizer": type(optimizer).__name__,
-        "param_groups": json.dumps(sd["param_groups"]),
-        "scalar_state": json.dumps(scalars),
-    }
-    save_file(tensors, str(path), metadata=meta)
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    """Restore what :func:`save_optimizer` wrote into an optimizer over the same parameters."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if meta.get("format") != "clipad-optimizer" or meta.get("optimizer") != type(optimizer).__name__:
-        raise ClipadError(f"'{path}' is not a clipad {type(optimizer).__name__} state")
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        _, pid, name = key.split(".", 2)
-        state.setdefault(int(pid), {})[name] = value
-    for key, value in json.loads(meta["scalar_state"]).items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-
-
 # --------------------------------------------------------------------------- checkpoints
-
-
-def epoch_paths(out: Path, epoch: int) -> tuple[Path, Path, Path]:
-    """(detector, optimizer, JSON) files of the checkpoint after ``epoch`` (1-based)."""
-    base = out / CHECKPOINT_DIR / f"epoch_{epoch:03d}"
-    return base.with_suffix(".safetensors"), base.with_suffix(".optim.safetensors"), base.with_suffix(".json")
-
-
-def last_checkpoint(out: Path) -> tuple[int, dict[str, Any]] | None:
-    """(epoch, its JSON) of the latest complete checkpoint under ``out``, or None."""
-    best = None
-    for js in sorted((out / CHECKPOINT_DIR).glob("epoch_*.json")):
-        try:
-            info = json.loads(js.read_text())
-            epoch = int(info["epoch"])
-        except (ValueError, KeyError, json.JSONDecodeError):
-            continue
-        if all(p.is_file() for p in epoch_paths(out, epoch)) and (best is None or epoch > best[0]):
-            best = (epoch, info)
-    return best
 
 
 def _run_description(det, config: TrainConfig, dataset_info: dict[str, Any]) -> dict[str, Any]:
@@ -228,78 +133,7 @@ def _run_description(det, config: TrainConfig, dataset_info: dict[str, Any]) -> 
     }
 
 
-def _check_resumable(info: dict[str, Any], run: dict[str, Any]) -> None:
-    for key in ("method", "backbone", "image_size"):
-        if info["run"].get(key) != run.get(key):
-            raise ClipadError(
-                f"cannot resume: the checkpoint was trained with {key}={info['run'].get(key)!r}, this run has "
-                f"{run.get(key)!r}; use the same settings or another --out"
-            )
-    for key in ("batch_size", "lr", "seed"):
-        if info["run"]["config"].get(key) != run["config"].get(key):
-            raise ClipadError(
-                f"cannot resume: the checkpoint was trained with {key}={info['run']['config'].get(key)!r}, this run "
-                f"has {run['config'].get(key)!r}"
-            )
-
-
 # --------------------------------------------------------------------------- reference images
-
-
-class ReferenceSampler:
-    """k normal reference images for each training query (methods with ``training_references``).
-
-    The official AdaptCLIP ``train.py`` gives every query one normal image of its own class,
-    drawn uniformly (``random.choice``) from the class's training normals (meta.json ``train``:
-    ``train/good`` of MVTec AD, the normal training rows of VisA), in its data-loader workers.
-    Here the draw has the same distribution, with replacement, from a generator seeded by (training
-    seed, step), so a resumed run draws what an uninterrupted one does. A class without training
-    normals (the folder layout) draws from the normal images among the training samples of that
-    class, other than the query itself where there is another.
-
-    Args:
-        pool: normal reference candidates (typically the dataset's ``train`` split normals).
-        samples: the training samples (fallback pool).
-        k: references per query.
-        size: model input size (images are resized as the training images).
-        seed: the training seed.
-    """
-
-    def __init__(self, pool: Sequence, samples: Sequence, k: int, size: int, seed: int) -> None:
-        self.k, self.seed = int(k), int(seed)
-        self.transform = official_image_transform(size)
-        self.pools: dict[str, list] = {}
-        for s in pool:
-            if s.label == 0:
-                self.pools.setdefault(s.class_name, []).append(s)
-        self.fallback: dict[str, list] = {}
-        for s in samples:
-            if s.label == 0 and s.class_name not in self.pools:
-                self.fallback.setdefault(s.class_name, []).append(s)
-
-    def draw(self, batch_samples: Sequence, step: int) -> list[list]:
-        """The k reference samples of each query of the batch at ``step`` (0-based)."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(step))
-        out = []
-        for s in batch_samples:
-            pool = self.pools.get(s.class_name)
-            if pool is None:
-                pool = [r for r in self.fallback.get(s.class_name, []) if r.image_path != s.image_path]
-                pool = pool or self.fallback.get(s.class_name, [])
-            if not pool:
-                raise ClipadError(
-                    f"class '{s.class_name}' has no normal image to serve as a training reference; add normal images "
-                    "(a train split or normal samples of that class)"
-                )
-            out.append([pool[int(i)] for i in torch.randint(len(pool), (self.k,), generator=g)])
-        return out
-
-    def load(self, batch_samples: Sequence, step: int) -> torch.Tensor:
-        """[B, k, 3, S, S] float images in [0, 1] (not CLIP-normalised)."""
-        from .imageio import load_image
-
-        picks = self.draw(batch_samples, step)
-        return torch.stack([torch.stack([self.transform(load_image(r.image_path)) for r in refs]) for refs in picks])
 
 
 # --------------------------------------------------------------------------- the loop
@@ -330,7 +164,7 @@ def fit(
     """
     from tqdm import tqdm
 
-    from .data import make_loader
+    from ..data import make_loader
 
     out = Path(out)
     (out / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
@@ -341,7 +175,7 @@ def fit(
     history: list[dict[str, float]] = []
     resumed = last_checkpoint(out) if resume else None
     if resumed:
-        _check_resumable(resumed[1], run)
+        check_resumable(resumed[1], run)
         start_epoch, step = resumed[0], int(resumed[1]["step"])
         history = list(resumed[1].get("history", []))
         learned = read_learned_weights(epoch_paths(out, start_epoch)[0], det.name)
@@ -460,58 +294,3 @@ def _write_log_json(out: Path, run: dict[str, Any], history: list[dict[str, floa
 # --------------------------------------------------------------------------- CLI
 
 
-def add_train_parser(sub, add_model_args) -> None:
-    from .cli import add_dataset_args
-
-    """Register ``clipad train`` (the lead wires it into :mod:`clipad.cli`)."""
-    p = sub.add_parser(
-        "train", help="train a learned method (anomalyclip, ...) on an auxiliary dataset",
-        description="Train a learned method on an auxiliary labelled dataset (the official protocol uses its test "
-        "split with masks: train on MVTec AD to evaluate on VisA, and the reverse). Writes OUT/<method>.safetensors "
-        "(load with clipad.load_detector or --detector), per-epoch resumable checkpoints and CSV/JSON logs.",
-    )
-    add_dataset_args(p)
-    add_model_args(p)
-    p.set_defaults(method="anomalyclip", batch_size=None)
-    p.add_argument("--out", required=True, help="output directory (checkpoints, logs, final detector)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the method's, 15 for anomalyclip)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the method's, 1e-3)")
-    p.add_argument("--seed", type=int, default=None, help="seed of prompt init and sample order (default: the method's, 111)")
-    p.add_argument("--split", default="test", choices=["test", "train", "all"],
-                   help="which split of the dataset to train on (default: test, the official protocol)")
-    p.add_argument("--classes", nargs="+", default=None, help="train only on these classes")
-    p.add_argument("--resume", action="store_true", help="continue from the last complete epoch checkpoint in --out")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
-    p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (default: 2)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_train)
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from .cli import build_detector, dataset_from_args
-
-    dataset = dataset_from_args(args)
-    if args.classes:
-        dataset = dataset.filter(class_name=args.classes)
-    samples = dataset if args.split == "all" else dataset.filter(split=args.split)
-    if not len(samples):
-        raise ClipadError(f"the {args.split} split of '{args.root}' holds no images to train on")
-    det = build_detector(args)
-    if not hasattr(det, "training_loss"):
-        raise ClipadError(f"method '{det.name}' has nothing to train")
-    config = TrainConfig.for_method(det, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                    max_steps=args.max_steps)
-    info = {"dataset": args.dataset, "root": str(args.root), "split": args.split, "images": len(samples),
-            "anomalous": sum(s.label for s in samples), "classes": list(samples.classes)}
-    # --detector FILE or --set checkpoint=FILE: fine-tune from those weights; else a fresh start
-    fresh = False if args.detector else None
-    pool = list(dataset.filter(split="train", label=0)) if getattr(det, "training_references", 0) else None
-    result = fit(det, list(samples), args.out, config, resume=args.resume, workers=args.workers, quiet=args.quiet,
-                 dataset_info=info, fresh=fresh, reference_pool=pool)
-    for e in result.epochs:
-        print(f"epoch {e['epoch']}: loss {e['loss']:.4f} ({e['steps']} steps)")
-    print(f"{result.steps} step(s) -> {result.final_path} (clipad.load_detector / --detector); logs in {args.out}")
-    if result.failures:
-        print(f"clipad: {len(result.failures)} file(s) could not be read and were skipped; see the lines above", file=sys.stderr)
-        return 1
-    return 0

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UnknownNameError, WeightsNotFound
+from ..errors import UnknownNameError, WeightsNotFound
 
 HF_HOST = "huggingface.co"
 PROBE_TIMEOUT_S = 3.0

@@ -11,7 +11,6 @@ by the largest class, not by the dataset (VisA's largest class at 518 px: about 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -27,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics as metrics_mod
-from .errors import ClipadError, ImageReadError
-from .preprocess import equal_runs
+from ..errors import ClipadError, ImageReadError
+from ..data.transforms import equal_runs
 
 METRIC_KEYS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
 
@@ -64,7 +63,7 @@ class _ToModelTensor:
         self.input_size = input_size
 
     def __call__(self, image):
-        from .preprocess import pil_to_tensor, resize_batch
+        from ..data.transforms import pil_to_tensor, resize_batch
 
         t = pil_to_tensor(image)
         return resize_batch([t], self.input_size(tuple(t.shape[-2:])), t.device)[0]
@@ -81,7 +80,7 @@ def evaluate_class(
     protocol: str, n_examples: int, progress, failures: list[str], metrics_device: str | None = None,
 ) -> ClassResult | None:
     """Score one class's test samples and compute its metrics."""
-    from .data import make_loader
+    from ..data import make_loader
 
     cuda = det.device.type == "cuda"
     loader = make_loader(
@@ -138,7 +137,7 @@ def evaluate_class(
     for i in select_examples(scores_np, [class_name] * len(kept), k=n_examples):
         smp = kept[i]
         try:
-            from .imageio import load_image
+            from ..data.images import load_image
 
             img = load_image(smp.image_path).resize((eval_size, eval_size))
         except ImageReadError:
@@ -157,7 +156,7 @@ def run(
 ) -> RunResult:
     from tqdm import tqdm
 
-    from .data import few_shot_split
+    from ..data import few_shot_split
 
     t0 = time.perf_counter()
     names = classes or list(dataset.classes)
@@ -260,65 +259,5 @@ def write_outputs(result: RunResult, out: Path, config: dict[str, Any]) -> dict[
 
 
 # -- CLI ---------------------------------------------------------------------------------------
-def add_eval_parser(sub, add_model_args) -> None:
-    from .cli import add_dataset_args
-
-    p = sub.add_parser(
-        "eval", help="evaluate methods on MVTec AD, VisA, a meta.json list or folders",
-        description="Evaluate one or more methods on a dataset: per-class and mean metrics table, "
-        "metrics.json, metrics.csv, ROC/PR curves and a self-contained HTML report.",
-    )
-    add_dataset_args(p)
-    add_model_args(p, multi_method=True)
-    p.add_argument("--shots", type=int, default=0, help="k normal reference images per class (default 0: zero-shot)")
-    p.add_argument("--seed", type=int, default=10,
-                   help="reference sampling seed (default 10; the official AdaptCLIP scripts use 10, 20, 30)")
-    p.add_argument("--classes", nargs="+", default=None, help="evaluate only these classes")
-    p.add_argument("--out", default="clipad_eval", help="output directory (default: clipad_eval)")
-    p.add_argument("--eval-size", type=int, default=None, help="map/mask size for pixel metrics (default: the model input size)")
-    p.add_argument("--protocol", default="anomalyclip", choices=sorted(metrics_mod.PROTOCOLS),
-                   help="metric definitions preset (default: anomalyclip, the official evaluation code)")
-    p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (default: 2)")
-    p.add_argument("--metrics-device", default=None,
-                   help="where pixel metrics are computed (default: the detector's device; 'cpu' saves GPU memory)")
-    p.add_argument("--examples", type=int, default=3, help="highest- and lowest-scoring images per class in the report")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_eval)
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from .cli import build_detector, dataset_from_args
-
-    dataset = dataset_from_args(args)
-    methods = args.method if isinstance(args.method, list) else [args.method]
-    any_failed = False
-    for method in methods:
-        ns = argparse.Namespace(**{**vars(args), "method": method})
-        det = build_detector(ns)
-        result = run(
-            det, dataset, classes=args.classes, shots=args.shots, seed=args.seed, eval_size=args.eval_size,
-            batch_size=args.batch_size, workers=args.workers, protocol=args.protocol, n_examples=args.examples,
-            quiet=args.quiet, metrics_device=args.metrics_device,
-        )
-        if not result.classes:
-            print(f"clipad: {method}: no image could be evaluated", file=sys.stderr)
-            any_failed = True
-            continue
-        out = Path(args.out) if len(methods) == 1 else Path(args.out) / method
-        config = {
-            "method": method, "backbone": det.backbone.name, "pretrained": det.backbone.pretrained,
-            "image_size": det.image_size, "eval_size": args.eval_size or det.image_size,
-            "dataset": args.dataset, "root": str(args.root), "shots": args.shots, "seed": args.seed,
-            "protocol": args.protocol, "device": str(det.device),
-        }
-        paths = write_outputs(result, out, config)
-        print(f"\n{method} on {args.dataset} ({args.shots}-shot), {result.seconds:.1f} s")
-        print(format_table(table_rows(result)))
-        excluded = sorted({c for v in result.excluded.values() for c in v})
-        if excluded:
-            print(f"* n/a: undefined for {', '.join(excluded)}; left out of the mean")
-        print(f"-> {paths['json']}, {paths['csv']}, {paths['curves']}, {paths['report']}")
-        if result.failures:
-            print(f"clipad: {len(result.failures)} file(s) could not be read; see the lines above", file=sys.stderr)
-            any_failed = True
-    return 1 if any_failed else 0

@@ -46,14 +46,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .. import ot
-from ..backbone import Backbone
-from ..errors import ClipadError, UnknownNameError
-from ..losses import segmentation_loss
-from ..prompt_learning import LearnablePrompts
-from ..smoothing import gaussian_blur
-from .anomalyclip import PROMPT_TEXTS, AnomalyCLIP, anomaly_map
-from .registry import register_method
+from . import ot
+from ...backbones.clip import Backbone
+from ...errors import ClipadError, UnknownNameError
+from ...components.losses import segmentation_loss
+from ...components.prompt_learning import LearnablePrompts
+from ...components.smoothing import gaussian_blur
+from ..anomalyclip.model import PROMPT_TEXTS, AnomalyCLIP, anomaly_map
+from ..registry import register_method
 
 ORTHOGONALITY = ("construction", "penalty", "none")
 ASSIGNMENTS = ("ot", "softmax")
@@ -243,7 +243,7 @@ class TokenCLIP(AnomalyCLIP):
             backbone, PROMPT_TEXTS * k, n_ctx, deep_depth=deep_depth, deep_length=deep_length, deep_fp16=deep_fp16
         )
         if checkpoint is not None:
-            from ..convert import read_learned_weights
+            from ...convert import read_learned_weights
 
             self.load_learned_state(read_learned_weights(checkpoint, self.name))
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import ClipadError
+from ..errors import ClipadError
 
 ImageInput = torch.Tensor | Image.Image | str | os.PathLike
 
@@ -35,7 +35,7 @@ def as_image_list(images: torch.Tensor | Sequence[ImageInput] | ImageInput) -> l
         ImageReadError: a path that cannot be read as an image.
         ClipadError: a tensor of the wrong shape or an unsupported element type.
     """
-    from .imageio import load_image
+    from .images import load_image
 
     if isinstance(images, torch.Tensor):
         if images.ndim == 3:

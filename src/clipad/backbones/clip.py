@@ -32,7 +32,7 @@ from torch import nn
 
 from . import weights as weights_mod
 from .blocks import residual_block
-from .errors import ClipadError, UnknownNameError
+from ..errors import ClipadError, UnknownNameError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -65,7 +65,7 @@ def list_backbones() -> list[str]:
 
 
 def _tiny_config() -> dict:
-    text = resources.files("clipad").joinpath("configs/tiny.json").read_text()
+    text = resources.files("clipad").joinpath("backbones/configs/tiny.json").read_text()
     return json.loads(text)
 
 

@@ -115,7 +115,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import UnknownNameError
+from ..errors import UnknownNameError
 
 __all__ = [
     "IMAGE_KEYS",

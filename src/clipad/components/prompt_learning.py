@@ -35,8 +35,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .backbone import Backbone
-from .errors import ClipadError
+from ..backbones.clip import Backbone
+from ..errors import ClipadError
 
 PLACEHOLDER = "X"
 

@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from ..errors import ClipadError
+from .common import add_model_args, build_detector, report
 
 
-def add_serve_parser(sub, add_model_args) -> None:
-    """Register ``serve`` on the ``clipad`` subparsers (``add_model_args`` from :mod:`clipad.cli`)."""
+def add_serve_parser(sub) -> None:
     p = sub.add_parser(
         "serve", help="HTTP inspection service with a web page",
         description="Serve a detector over HTTP: POST /v1/predict, POST /v1/references/{class_name}, "
@@ -38,11 +38,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .app import bind_socket, create_app, token_from_env
+        from ..serve.app import bind_socket, create_app, token_from_env
     except ImportError as exc:
         raise ClipadError(f"clipad serve needs the 'serve' extra ({exc.name} is missing): pip install 'clipad[serve]'") from exc
-    from ..cli import _err, build_detector
-
     if args.max_batch < 1:
         raise ClipadError(f"--max-batch must be at least 1; got {args.max_batch}")
     if args.max_upload_mb <= 0:
@@ -57,9 +55,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ClipadError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
     host, port = sock.getsockname()[:2]
     if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
-        _err(f"warning: listening on {args.host} without a token: anyone who can reach this port can use the model")
+        report(f"warning: listening on {args.host} without a token: anyone who can reach this port can use the model")
     # Tests and scripts wait for this line (it carries the port chosen for --port 0).
-    _err(f"serving {det.name} on {det.backbone.name} ({det.device}) at http://{host if ':' not in host else f'[{host}]'}:{port}/")
+    report(f"serving {det.name} on {det.backbone.name} ({det.device}) at http://{host if ':' not in host else f'[{host}]'}:{port}/")
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, lifespan="on"))
     server.run(sockets=[sock])
     return 0
@@ -67,6 +65,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m clipad.serve ...``: the same as ``clipad serve ...``."""
-    from ..cli import main as clipad_main
+    from . import main as clipad_main
 
     return clipad_main(["serve", *(sys.argv[1:] if argv is None else argv)])

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .backbone import Backbone
-from .errors import ClipadError
+from ...backbones.clip import Backbone
+from ...errors import ClipadError
 
 NORMAL_STATES = (
     "normal {}",

@@ -93,7 +93,7 @@ from typing import NamedTuple
 
 import torch
 
-from .errors import UnknownNameError
+from ...errors import UnknownNameError
 
 __all__ = ["OTResult", "row_normalize", "sinkhorn", "softmax_assignment", "topk_mask"]
 

@@ -1,0 +1,34 @@
+"""``clipad convert``: import an official checkpoint into clipad's format (see :mod:`clipad.convert`)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_convert_parser(sub) -> None:
+    from ..convert import CONVERTERS
+
+    p = sub.add_parser(
+        "convert", help="import an official checkpoint (AnomalyCLIP) into clipad's format",
+        description="Read an official checkpoint (.pth, tensors only) and write a clipad .safetensors usable with "
+        "clipad.load_detector / --detector, or as create_detector(METHOD, checkpoint=OUT).",
+    )
+    p.add_argument("--from", dest="source", required=True, choices=sorted(CONVERTERS), help="which official code wrote the file")
+    p.add_argument("input", metavar="OFFICIAL.pth", help="the official checkpoint")
+    p.add_argument("output", metavar="OUT.safetensors", help="the clipad checkpoint to write")
+    p.add_argument("--backbone", default=None, help="backbone recorded in the header (default: the paper's)")
+    p.add_argument("--pretrained", default=None,
+                   help="weights recorded in the header: an open_clip tag or a file (default: the paper's, e.g. openai)")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    kwargs: dict[str, Any] = {"backbone": args.backbone}
+    if args.pretrained is not None:
+        kwargs["pretrained"] = None if args.pretrained.lower() in ("none", "random") else args.pretrained
+    from ..convert import convert_checkpoint
+
+    out = convert_checkpoint(args.source, args.input, args.output, **kwargs)
+    print(f"{args.input} -> {out} (clipad.load_detector('{out}') or checkpoint='{out}')")
+    return 0

@@ -72,7 +72,7 @@ def _summarise_dropped(keys: list[str]) -> list[str]:
 
 def convert_anomalyclip(obj: Any) -> Converted:
     """An official AnomalyCLIP checkpoint object -> :class:`Converted` (see the module docstring)."""
-    from .methods.anomalyclip.model import default_image_size
+    from .components.scoring import default_image_size
 
     if not isinstance(obj, dict) or "prompt_learner" not in obj:
         found = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__

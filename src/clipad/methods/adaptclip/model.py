@@ -64,10 +64,10 @@ from ...components.smoothing import gaussian_blur
 from ...components.prompts import WINCLIP_ANOMALOUS_STATES, WINCLIP_NORMAL_STATES, WINCLIP_TEMPLATES, state_embeddings
 from ..base import Detector
 from ..registry import register_method
+from ...components.scoring import default_image_size
 
 PROMPT_TEXTS = ("{}.", "{}.")  # normal, abnormal: context vectors only, no template
 STATIC_CLASS = "object"  # the official static text never names the class
-PAPER_IMAGE_SIZE = 518
 SCHEDULES = ("released", "alternate")
 
 
@@ -133,11 +133,6 @@ def dual_path_start(depth: int, dpam_layer: float | None) -> int:
         return depth + 1
     dual = max(0, min(depth, round(float(dpam_layer) * depth)) - 1)
     return depth - dual + 1
-
-
-def default_image_size(patch: int, target: int = PAPER_IMAGE_SIZE) -> int:
-    """The paper's 518 px where the patch size divides it, else the nearest multiple of the patch."""
-    return target if target % patch == 0 else max(patch, round(target / patch) * patch)
 
 
 # --------------------------------------------------------------------------- adapter modules

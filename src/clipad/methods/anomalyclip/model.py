@@ -44,9 +44,9 @@ from ...components.prompt_learning import LearnablePrompts
 from ...components.smoothing import gaussian_blur
 from ..base import Detector
 from ..registry import register_method
+from ...components.scoring import default_image_size
 
 PROMPT_TEXTS = ("{} object.", "{} damaged object.")  # normal, abnormal; "object" for every class
-PAPER_IMAGE_SIZE = 518
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -72,11 +72,6 @@ def patch_probability_maps(
 def anomaly_map(probs: torch.Tensor) -> torch.Tensor:
     """[B, 2, H, W] (normal, abnormal) probabilities -> [B, H, W] ``(p_a + 1 - p_n) / 2``."""
     return (probs[:, 1] + 1.0 - probs[:, 0]) / 2.0
-
-
-def default_image_size(patch: int, target: int = PAPER_IMAGE_SIZE) -> int:
-    """The paper's 518 px where the patch size divides it, else the nearest multiple of the patch."""
-    return target if target % patch == 0 else max(patch, round(target / patch) * patch)
 
 
 @register_method("anomalyclip")

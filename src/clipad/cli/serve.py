@@ -62,9 +62,3 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server.run(sockets=[sock])
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m clipad.serve ...``: the same as ``clipad serve ...``."""
-    from . import main as clipad_main
-
-    return clipad_main(["serve", *(sys.argv[1:] if argv is None else argv)])

@@ -70,7 +70,7 @@ def bench_method(
     device: str | None, dtype: str, warmup: int, repeats: int, options: dict[str, Any],
     compile: bool = False, channels_last: bool = False,
 ) -> list[dict[str, Any]]:
-    import clipad
+    from ..api import create_detector
 
     opts = dict(options)
     if image_size:
@@ -78,7 +78,7 @@ def bench_method(
     opts["precision"] = "bf16" if dtype == "bf16" else "fp32"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        det = clipad.create_detector(method, backbone=backbone, pretrained=None, device=device, **opts)
+        det = create_detector(method, backbone=backbone, pretrained=None, device=device, **opts)
     if channels_last:
         det.backbone.visual.conv1.to(memory_format=torch.channels_last)
     if compile:

@@ -24,7 +24,8 @@ import clipad
 from _helpers import load_openai_fixture, random_images, report_max_diff, tiny_detector, write_folder_dataset
 from clipad import ClipadError
 from clipad.train import loop as training
-from clipad.methods.adaptclip.model import AdaptCLIP, PromptQueryAdapter, TokenAdapter, convert_official, dual_path_start, nearest_reference
+from clipad.backbones.dualpath import first_block_of_dpam_layer
+from clipad.methods.adaptclip.model import AdaptCLIP, PromptQueryAdapter, TokenAdapter, convert_official, nearest_reference
 
 FIXTURES = Path(__file__).parent / "fixtures" / "adaptclip"
 ATOL_MAPS = 1e-4
@@ -174,13 +175,14 @@ def test_fixture_training_step(official):
 
 
 def test_fixture_through_convert(official, tmp_path):
-    """The official weights as an official ``.pth``, converted by ``clipad convert``, used via
-    ``checkpoint=``: the official 1-shot maps and scores again."""
+    """The official weights as an official ``.pth``, converted by ``clipad convert``, read back as
+    ``checkpoint=`` does: the official 1-shot maps and scores again."""
     e = official["expected"]
     pth, out = tmp_path / "epoch_15.pth", tmp_path / "converted.safetensors"
     torch.save(_official_object(e, "official/"), pth)
     assert _convert_cli(["--from", "adaptclip", str(pth), str(out), "--backbone", "tiny", "--pretrained", "none"]) == 0
-    det = official["detector"](learned=False, checkpoint=str(out))
+    det = official["detector"](learned=False)
+    det.load_learned_state(clipad.checkpoint.read_learned_weights(out, "adaptclip"))
     scores, maps = _predict_classes(det, official, 1)
     assert _report("converted 1-shot scores", scores, e["shot1/scores"]) < ATOL_MAPS
     assert _report("converted 1-shot maps", maps, e["shot1/maps"]) < ATOL_MAPS
@@ -210,8 +212,8 @@ def test_defaults_and_relative_layers():
     assert AdaptCLIP.default_backbone == "ViT-L-14-336" and AdaptCLIP.default_pretrained == "openai"
     assert AdaptCLIP.few_shot and AdaptCLIP.training_references == 1
     # the two official settings: DPAM_layer 20 of 24 (ViT-L/14), 10 of 12 (ViT-B-16+)
-    assert dual_path_start(24, 20 / 24) == 6 and dual_path_start(12, 20 / 24) == 4
-    assert dual_path_start(24, None) == 25
+    assert first_block_of_dpam_layer(24, 20 / 24) == 6 and first_block_of_dpam_layer(12, 20 / 24) == 4
+    assert first_block_of_dpam_layer(24, None) == 25
     assert d.prompts.ctx.shape == (2, 12, 64) and d.prompts.deep is None
     # the head instances are shared: one segmentation head and one image head for all taps
     assert len(d.pq_adapter.norms) == 4

@@ -148,8 +148,8 @@ def _official_checkpoint(ctx_pos, ctx_neg, deep: list[torch.Tensor], width: int)
 
 
 def test_fixture_through_convert(official):
-    """The official weights written as an official checkpoint, converted, and used via
-    ``checkpoint=``: the official maps and scores again."""
+    """The official weights written as an official checkpoint, converted, and read back as
+    ``checkpoint=`` does: the official maps and scores again."""
     e = official["expected"]
     n_deep = len([k for k in e if k.startswith("official/compound_prompts_text.")])
     obj = _official_checkpoint(e["official/ctx_pos"], e["official/ctx_neg"],
@@ -157,7 +157,8 @@ def test_fixture_through_convert(official):
     pth, out = official["tmp"] / "epoch_1.pth", official["tmp"] / "converted.safetensors"
     torch.save(obj, pth)
     convert_checkpoint("anomalyclip", pth, out, backbone="tiny", pretrained=None)
-    det = official["detector"]("last", learned=False, checkpoint=str(out))
+    det = official["detector"]("last", learned=False)
+    det.load_learned_state(read_learned_weights(out, "anomalyclip"))
     pred = det.predict(e["images"].float() / 255)
     assert _report("converted scores", pred.image_scores, e["last/scores"]) < ATOL_MAPS
     assert _report("converted maps", pred.anomaly_maps, e["last/maps"]) < ATOL_MAPS

@@ -213,12 +213,14 @@ def test_mixed_run_one_line_per_bad_file(mixed_run):
 
 def test_mixed_run_scores_csv(mixed_run):
     header, rows = _read_csv(mixed_run["out"] / "scores.csv")
-    assert header == ["path", "score"]
+    assert header == ["path", "score", "heatmap"]  # path, score first: older readers keep working
     expected = {str(mixed_run["inputs"] / n) for n in mixed_run["sizes"]}
     assert len(rows) == len(expected)
     assert {r[0] for r in rows} == expected
-    for _, score in rows:
+    for path, score, heatmap in rows:
         assert np.isfinite(float(score))
+        assert heatmap == f"heatmaps/{Path(path).stem}.png"
+        assert (mixed_run["out"] / heatmap).is_file()
 
 
 def test_mixed_run_scores_equal_the_python_api(mixed_run):

@@ -263,6 +263,172 @@ def test_wrong_architecture_does_not_fit(tmp_path: Path, vision):
     assert str(path) in str(info.value)
 
 
+# --------------------------------------------------------------------------- QuickGELU or GELU
+#
+# Architectures and tags below are tiny's config registered in open_clip's own tables for the
+# test, so that every rule runs through open_clip's real lookups at tiny's cost:
+# - "ViT-tiny-qg-quickgelu": a '-quickgelu' name (config flag quick_gelu=True), like ViT-L-14-336-quickgelu;
+# - "ViT-tiny-qg-openai": releases are only 'openai' (QuickGELU), like ViT-L-14-336;
+# - "ViT-tiny-qg-mixed": releases of both kinds, like ViT-L-14 ('openai' vs 'laion2b...').
+
+QG_NAME, QG_OPENAI, QG_MIXED = "ViT-tiny-qg-quickgelu", "ViT-tiny-qg-openai", "ViT-tiny-qg-mixed"
+
+
+@pytest.fixture
+def qg_archs(monkeypatch):
+    from open_clip import factory, pretrained
+
+    monkeypatch.setitem(factory._MODEL_CONFIGS, QG_NAME, {**_tiny_config(), "quick_gelu": True})
+    monkeypatch.setitem(factory._MODEL_CONFIGS, QG_OPENAI, _tiny_config())
+    monkeypatch.setitem(factory._MODEL_CONFIGS, QG_MIXED, _tiny_config())
+    monkeypatch.setitem(pretrained._PRETRAINED, QG_NAME, {"openai": {"quick_gelu": True}})
+    monkeypatch.setitem(pretrained._PRETRAINED, QG_OPENAI, {"openai": {"quick_gelu": True}})
+    monkeypatch.setitem(pretrained._PRETRAINED, QG_MIXED, {"openai": {"quick_gelu": True}, "laion2b_x": {"quick_gelu": False}})
+
+
+def _open_clip_tiny(state: dict[str, torch.Tensor], quick_gelu: bool) -> nn.Module:
+    """The reference: open_clip's own CLIP, built with the given activation and loaded with ``state``."""
+    model = open_clip.model.CLIP(**_tiny_config(), quick_gelu=quick_gelu)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _assert_computes(bb, reference: nn.Module) -> None:
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    ids = bb.tokenize(["a photo of a flawless object", "a photo of a damaged object"])
+    with torch.no_grad():
+        torch.testing.assert_close(bb.encode_image(x).cls, reference.encode_image(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(bb.encode_text(ids), reference.encode_text(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_quickgelu_architecture_name_builds_with_quick_gelu(tmp_path: Path, source_sd, qg_archs):
+    """The '-quickgelu' config flag used to be passed twice (TypeError: multiple values for 'quick_gelu')."""
+    path = tmp_path / "weights.pt"
+    torch.save(source_sd, path)
+    bb = create_backbone(QG_NAME, path)
+    assert bb.quick_gelu and _gelu_name(bb) == "QuickGELU"
+    _assert_computes(bb, _open_clip_tiny(source_sd, quick_gelu=True))
+    det = clipad.create_detector("winclip", backbone=QG_NAME, pretrained=path, device="cpu", image_size=224)
+    assert det.backbone.quick_gelu
+    assert create_backbone(QG_NAME, path, quick_gelu=True).quick_gelu
+
+
+def test_quickgelu_name_contradicted_is_one_clear_error(tmp_path: Path, source_sd, qg_archs):
+    path = tmp_path / "weights.pt"
+    torch.save(source_sd, path)
+    with pytest.raises(clipad.InvalidValueError, match="quick_gelu=False contradicts the backbone name") as info:
+        create_backbone(QG_NAME, path, quick_gelu=False)
+    assert QG_NAME in str(info.value) and "ViT-tiny-qg'" in str(info.value)  # names the GELU architecture
+    with pytest.raises(clipad.InvalidValueError, match="contradicts"):
+        clipad.create_detector("winclip", backbone=QG_NAME, pretrained=path, device="cpu", quick_gelu=False)
+
+
+def test_real_quickgelu_architecture_builds():
+    """open_clip's own '-quickgelu' config (random weights: no download; ~3 s on one core)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*randomly initialised.*")
+        bb = create_backbone("ViT-B-32-quickgelu", None)
+        assert bb.quick_gelu
+        assert not create_backbone("ViT-B-32", None).quick_gelu  # the plain name stays GELU
+        with pytest.raises(clipad.InvalidValueError, match="ViT-B-32-quickgelu"):
+            create_backbone("ViT-B-32-quickgelu", None, quick_gelu=False)
+
+
+def test_openai_code_state_dict_without_input_resolution_gets_quick_gelu(tmp_path: Path, source_sd, qg_archs):
+    """``model.state_dict()`` of OpenAI's code has no input_resolution entry and open_clip's keys; for
+    an architecture whose only release is OpenAI's it is run with QuickGELU, i.e. it computes what
+    open_clip's model built with quick_gelu=True computes."""
+    path = tmp_path / "openai-code.pt"
+    torch.save(source_sd, path)
+    sd, is_openai = weights_mod.read_state_dict(path)
+    assert not is_openai  # nothing in the file says so: the architecture's releases decide
+    bb = create_backbone(QG_OPENAI, path)
+    assert bb.quick_gelu
+    _assert_computes(bb, _open_clip_tiny(source_sd, quick_gelu=True))
+    # and it is not what the GELU model computes (the activation really matters here)
+    gelu = _open_clip_tiny(source_sd, quick_gelu=False)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert not torch.allclose(bb.encode_image(x).cls, gelu.encode_image(x), atol=1e-4)
+
+
+def test_file_of_mixed_releases_needs_a_choice(tmp_path: Path, source_sd, qg_archs):
+    path = tmp_path / "weights.safetensors"
+    save_file(source_sd, str(path))
+    with pytest.raises(ClipadError, match="cannot tell") as info:
+        create_backbone(QG_MIXED, path)
+    message = str(info.value)
+    assert str(path) in message and QG_MIXED in message
+    assert "openai" in message and "laion2b_x" in message  # which releases use which activation
+    assert "quick_gelu=True" in message and "--quick-gelu on" in message
+    with pytest.raises(ClipadError, match="cannot tell"):
+        clipad.create_detector("winclip", backbone=QG_MIXED, pretrained=path, device="cpu")
+    quick = create_backbone(QG_MIXED, path, quick_gelu=True)
+    _assert_computes(quick, _open_clip_tiny(source_sd, quick_gelu=True))
+    plain = create_backbone(QG_MIXED, path, quick_gelu=False)
+    assert not plain.quick_gelu
+    _assert_computes(plain, _open_clip_tiny(source_sd, quick_gelu=False))
+    det = clipad.create_detector("winclip", backbone=QG_MIXED, pretrained=path, device="cpu", quick_gelu=True)
+    assert det.backbone.quick_gelu
+
+
+@pytest.mark.parametrize("flag, expected", [("on", True), ("off", False), ("auto", None)])
+def test_cli_quick_gelu_flag(tmp_path: Path, source_sd, qg_archs, flag, expected):
+    from clipad.cli import build_parser
+    from clipad.cli.common import build_detector
+
+    path = tmp_path / "weights.safetensors"
+    save_file(source_sd, str(path))
+    args = build_parser().parse_args(
+        ["predict", "x.png", "--backbone", QG_MIXED, "--pretrained", str(path), "--device", "cpu", "--quick-gelu", flag]
+    )
+    if expected is None:  # auto, and nothing tells: the error says which flag to pass
+        with pytest.raises(ClipadError, match="--quick-gelu on"):
+            build_detector(args)
+    else:
+        assert build_detector(args).backbone.quick_gelu is expected
+
+
+def test_file_marked_openai_wins_over_mixed_releases(tmp_path: Path, source_sd, qg_archs):
+    path = tmp_path / "openai-style.pt"
+    torch.save({**source_sd, **OPENAI_KEYS}, path)
+    assert create_backbone(QG_MIXED, path).quick_gelu
+
+
+def test_tag_decides_and_cannot_be_contradicted(tmp_path: Path, source_sd, qg_archs, monkeypatch):
+    """open_clip's record for a tag: 'openai' -> QuickGELU, a GELU release -> GELU."""
+    path = tmp_path / "cached.safetensors"
+    save_file(source_sd, str(path))
+    monkeypatch.setattr(weights_mod, "_cached_tag_file", lambda cfg, cache_dir: path)
+    assert create_backbone(QG_MIXED, "openai").quick_gelu
+    assert not create_backbone(QG_MIXED, "laion2b_x").quick_gelu
+    with pytest.raises(clipad.InvalidValueError, match="tag 'openai'"):
+        create_backbone(QG_MIXED, "openai", quick_gelu=False)
+    with pytest.raises(clipad.InvalidValueError, match="tag 'laion2b_x'"):
+        create_backbone(QG_MIXED, "laion2b_x", quick_gelu=True)
+
+
+def test_openai_file_contradicted_is_an_error(tmp_path: Path, source_sd):
+    path = tmp_path / "openai-style.pt"
+    torch.save({**source_sd, **OPENAI_KEYS}, path)
+    with pytest.raises(clipad.InvalidValueError, match="OpenAI checkpoint") as info:
+        create_backbone("tiny", path, quick_gelu=False)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["on", 1, "auto"])
+def test_quick_gelu_must_be_none_or_bool(value):
+    with pytest.raises(clipad.ClipadError, match="quick_gelu must be None"):
+        create_backbone("tiny", None, quick_gelu=value)
+
+
+def test_quick_gelu_of_random_weights_follows_the_request():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*randomly initialised.*")
+        assert create_backbone("tiny", None, quick_gelu=True).quick_gelu
+        assert not create_backbone("tiny", None).quick_gelu
+
+
 # --------------------------------------------------------------------------- offline
 
 

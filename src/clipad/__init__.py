@@ -10,7 +10,7 @@
 from . import _compat
 from .api import create_detector, load_detector
 from .backbones import list_backbones
-from .errors import ClipadError, ImageReadError, UnknownNameError, WeightsNotFound
+from .errors import ClipadError, ClipadWarning, ImageReadError, InvalidValueError, UnknownNameError, WeightsNotFound
 from .methods import Detector, Prediction, list_methods
 from .version import __version__
 
@@ -18,8 +18,10 @@ _compat.install()
 
 __all__ = [
     "ClipadError",
+    "ClipadWarning",
     "Detector",
     "ImageReadError",
+    "InvalidValueError",
     "Prediction",
     "UnknownNameError",
     "WeightsNotFound",

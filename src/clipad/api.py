@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
-import inspect
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .backbones.clip import _check_name, create_backbone
+from .checkpoint import read_checkpoint, read_learned_weights, split_tensors
 from .errors import ClipadError
 from .methods import get_method
-from .methods.base import Detector
+from .methods.base import Detector, LearnedDetector, make_options
 
 _UNSET: Any = object()
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value
 
 
 def create_detector(
@@ -35,6 +28,7 @@ def create_detector(
     device: str | torch.device | None = None,
     *,
     seed: int = 0,
+    quick_gelu: bool | None = None,
     **options: Any,
 ) -> Detector:
     """Build a detector.
@@ -47,12 +41,17 @@ def create_detector(
             need it explicitly.
         device: "cpu", "cuda", a torch.device; default CUDA when available.
         seed: seed of random initialisation (only used when ``pretrained`` is None).
-        **options: method options, e.g. ``image_size=518``, ``scales=(2, 3)``.
+        quick_gelu: the backbone's activation, None = auto (see :func:`clipad.backbones.create_backbone`).
+        **options: the fields of the method's ``Options`` dataclass
+            (``get_method(method).Options``), e.g. ``image_size=518``, ``scales=(2, 3)``; names
+            and value types are checked before anything is built. A learned method's
+            ``checkpoint=FILE`` loads that file's learned weights.
     """
     cls = get_method(method)
     backbone = backbone or cls.default_backbone
     # An unknown name is reported as such (with the valid names) before asking for pretrained=.
     _check_name(backbone)
+    opts = make_options(cls, options)
     if pretrained is _UNSET:
         if backbone == "tiny":
             pretrained = None
@@ -63,17 +62,14 @@ def create_detector(
                 f"backbone '{backbone}' needs an explicit pretrained= (an open_clip tag, a checkpoint "
                 "file, or None for random weights)"
             )
-    params = inspect.signature(cls.__init__).parameters
-    valid = [n for n, p in params.items() if n not in ("self", "backbone") and p.kind == p.KEYWORD_ONLY]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ClipadError(f"unknown option(s) {unknown} for method '{method}'. Valid options: {', '.join(valid)}")
     dev = torch.device(device) if device is not None else default_device()
-    bb = create_backbone(backbone, pretrained, device=dev, seed=seed)
-    det = cls(bb, **options)
+    bb = create_backbone(backbone, pretrained, device=dev, seed=seed, quick_gelu=quick_gelu)
+    checkpoint = opts.checkpoint if issubclass(cls, LearnedDetector) else None
+    det = cls(bb, opts if checkpoint is None else replace(opts, checkpoint=None))
     det.seed = seed
-    resolved = {n: options.get(n, params[n].default) for n in valid}
-    det.options = _jsonable(resolved)
+    if checkpoint is not None:  # once the method has built its modules
+        det.load_learned_state(read_learned_weights(checkpoint, det.name))
+        det.opts = opts  # recorded as given
     return det.to(dev).eval()
 
 
@@ -86,8 +82,6 @@ def load_detector(
 
     ``pretrained`` overrides the recorded weights source (e.g. the checkpoint file moved).
     """
-    from .checkpoint import read_checkpoint, split_tensors
-
     meta, tensors = read_checkpoint(path)
     det = create_detector(
         meta["method"],
@@ -98,6 +92,6 @@ def load_detector(
         **meta["options"],
     )
     learned, refs = split_tensors(meta, tensors)
-    det.load_learned_state({k: v.to(det.device) for k, v in learned.items()})
-    det._references = {c: {k: v.to(det.device) for k, v in r.items()} for c, r in refs.items()}
+    det.load_learned_state(learned)
+    det.load_references(refs)
     return det

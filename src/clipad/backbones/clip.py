@@ -4,7 +4,8 @@ Methods never call open_clip directly; they ask a :class:`Backbone` for
 
 - ``encode_image(x, layers=...)``: CLS embedding, final tokens and the residual stream after
   chosen blocks (``layers`` are 1-based block indices: layer 24 is the output of the last block
-  of ViT-L/14);
+  of ViT-L/14); ``layer_hook=`` sees (and may replace or extend, e.g. with visual prompt
+  tokens) the stream entering each block (0-based index);
 - ``project(tokens)``: ``ln_post`` then ``proj``, i.e. tokens mapped into the joint space;
 - ``encode_text(token_ids)`` / ``tokenize(texts)``.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -32,7 +34,7 @@ from torch import nn
 
 from . import weights as weights_mod
 from .blocks import residual_block
-from ..errors import ClipadError, UnknownNameError
+from ..errors import ClipadError, ClipadWarning, InvalidTypeError, InvalidValueError, UnknownNameError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -45,7 +47,8 @@ class ImageFeatures:
 
     cls: [B, D] pooled token after ``ln_post`` and ``proj`` (the usual CLIP image embedding).
     tokens: [B, N, W] final patch tokens after ``ln_post`` (not projected), N = gh * gw.
-    taps: layer -> [B, 1 + N, W] residual stream after that block (CLS first), un-normalised.
+    taps: layer -> [B, 1 + N, W] residual stream after that block (CLS first), un-normalised;
+        rows a ``layer_hook`` appended after the patch tokens are not part of it.
     embeds: [B, 1 + N, W] token embeddings (patches + CLS + positions) before ``ln_pre``, when asked.
     grid: (gh, gw) patch grid.
     """
@@ -55,6 +58,43 @@ class ImageFeatures:
     taps: dict[int, torch.Tensor] = field(default_factory=dict)
     embeds: torch.Tensor | None = None
     grid: tuple[int, int] = (0, 0)
+
+
+# hook(block index, tokens [B, L, W]) -> replacement tokens or None; see Backbone.encode_image
+LayerHook = Callable[[int, torch.Tensor], "torch.Tensor | None"]
+
+
+def apply_layer_hook(hook: LayerHook, index: int, h: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Call ``hook(index, h)`` on the residual stream [B, L, W] entering block ``index``
+    (0-based) -> the stream the block gets: ``h`` when the hook returns None, else its tensor,
+    which must keep B and W and at least the ``n_tokens`` = 1 + N CLS and patch rows."""
+    out = hook(index, h)
+    if out is None:
+        return h
+    if not isinstance(out, torch.Tensor):
+        raise InvalidTypeError(
+            f"layer_hook returned a {type(out).__name__} before block {index}; return None (keep the tokens) "
+            "or a tensor [B, L, W] that replaces them"
+        )
+    b, _, w = h.shape
+    if out.ndim != 3 or out.shape[0] != b or out.shape[2] != w or out.shape[1] < n_tokens:
+        raise InvalidValueError(
+            f"layer_hook returned shape {tuple(out.shape)} before block {index}; it must be [{b}, L, {w}] with "
+            f"L >= {n_tokens} (the CLS and patch rows first, extra tokens after them)"
+        )
+    return out
+
+
+def image_rows(h: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """[B, L, W] residual stream -> its first ``n_tokens`` = 1 + N rows (CLS, patches): the
+    tokens a layer hook appended after the patches are dropped; no copy when there are none."""
+    return h if h.shape[1] == n_tokens else h[:, :n_tokens]
+
+
+def layer_at_fraction(depth: int, fraction: float) -> int:
+    """1-based block at ``fraction`` of ``depth`` blocks, rounded and clipped to 1..depth
+    (0.5 of 24 -> block 12, 0.25 -> 6, 1.0 -> 24)."""
+    return max(1, min(depth, round(fraction * depth)))
 
 
 def list_backbones() -> list[str]:
@@ -121,8 +161,18 @@ def create_backbone(
         pretrained: open_clip tag, path to a checkpoint file, or None for random weights.
         seed: seed of the random initialisation (used when ``pretrained`` is None, so that a
             saved detector with random weights is restored bit-identically).
-        quick_gelu: force QuickGELU on/off; None = as the weights require (OpenAI files and tags
-            flagged by open_clip use QuickGELU).
+        quick_gelu: run the MLPs with QuickGELU (True) or GELU (False); None (auto) decides from
+            the architecture name (``-quickgelu``), the weights (OpenAI TorchScript archives and
+            state dicts with ``input_resolution``; open_clip's record for a tag) and, for a file
+            that does not say, the architecture's open_clip releases when they agree. Needed only
+            for a plain state-dict file of an architecture whose releases use both (ViT-B-16,
+            ViT-L-14...): True for OpenAI/MetaCLIP/DFN-trained weights, e.g. ``model.state_dict()``
+            of OpenAI's code. A value that contradicts the name or the weights is an error
+            (rules: :mod:`clipad.backbones.weights`).
+
+    Raises:
+        InvalidValueError: ``quick_gelu`` contradicts the name or the weights.
+        ClipadError: auto, and the activation of a weights file cannot be told.
     """
     import open_clip
 
@@ -131,11 +181,17 @@ def create_backbone(
     state_dict, is_openai = (None, False)
     if source is not None and source.path is not None:
         state_dict, is_openai = weights_mod.read_state_dict(source.path)
-    use_quick_gelu = quick_gelu if quick_gelu is not None else bool(is_openai or (source and source.quick_gelu))
+    cfg = _tiny_config() if name == "tiny" else copy.deepcopy(open_clip.get_model_config(name))
+    # '-quickgelu' architectures carry the flag in their config; it is passed once, below
+    arch_quick_gelu = bool(cfg.pop("quick_gelu", False))
+    use_quick_gelu = weights_mod.choose_quick_gelu(
+        name, requested=quick_gelu, arch_quick_gelu=arch_quick_gelu, source=source, openai_file=is_openai
+    )
     if source is None or source.kind == "random":
         warnings.warn(
             f"backbone '{name}' uses randomly initialised weights (pretrained=None, seed={seed}): "
             "scores are meaningless for real inspection; pass an open_clip tag or a checkpoint file",
+            ClipadWarning,
             stacklevel=3,
         )
 
@@ -143,7 +199,6 @@ def create_backbone(
         torch.manual_seed(seed)
         # Built from the architecture config directly: open_clip.create_model would log a
         # "randomly initialised" warning through the root logger (configuring it as a side effect).
-        cfg = _tiny_config() if name == "tiny" else copy.deepcopy(open_clip.get_model_config(name))
         custom_text = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
         model_cls = open_clip.model.CustomTextCLIP if custom_text else open_clip.model.CLIP
         model = model_cls(**cfg, quick_gelu=use_quick_gelu).eval()
@@ -219,9 +274,18 @@ class Backbone(nn.Module):
     def device(self) -> torch.device:
         return self.visual.conv1.weight.device
 
+    @property
+    def quick_gelu(self) -> bool:
+        """True when the MLPs run QuickGELU (read from the model, so it is what actually runs).
+        A saved detector needs it to be rebuilt as it ran: auto would decide again from evidence
+        that may have changed (a moved or replaced weights file)."""
+        from open_clip.transformer import QuickGELU
+
+        return isinstance(getattr(self.blocks[0].mlp, "gelu", None), QuickGELU)
+
     def layer_index(self, fraction: float) -> int:
         """A depth-relative layer choice: fraction 0.5 of a 24-block tower -> block 12."""
-        return max(1, min(self.depth, round(fraction * self.depth)))
+        return layer_at_fraction(self.depth, fraction)
 
     def tap_layers(self, fractions) -> tuple[int, ...]:
         """Depth fractions (e.g. (0.25, 0.5, 0.75, 1.0) = blocks 6/12/18/24 of 24) -> 1-based blocks."""
@@ -283,20 +347,41 @@ class Backbone(nn.Module):
         *,
         keep_embeds: bool = False,
         pos_interp: str = "bicubic",
+        layer_hook: LayerHook | None = None,
     ) -> ImageFeatures:
-        """Normalised images [B, 3, H, W] -> :class:`ImageFeatures` with taps after ``layers``."""
+        """Normalised images [B, 3, H, W] -> :class:`ImageFeatures` with taps after ``layers``.
+
+        ``layer_hook(index, tokens)``, when given, is called once per block **before** the block
+        runs, with the 0-based block ``index`` and the batch-first residual stream ``tokens``
+        [B, L, W] entering it: after ``ln_pre`` for index 0, else the un-normalised output of
+        block ``index - 1``, i.e. what ``layers=(index,)`` taps (1-based). L = 1 + N (CLS first,
+        then the N patches row-major) plus any tokens an earlier call appended. Returning None
+        keeps the tokens; returning a tensor [B, L', W] replaces them. Before, not after, the
+        block: visual prompt tokens (AdaCLIP, VPT-deep) are inserted into a block's input, and a
+        hook at index k + 1 sees (and may edit) block k's output anyway.
+
+        Extra tokens go **after** the 1 + N image rows (L' >= 1 + N, checked): they take part
+        in the attention of every later block until a later call removes them, while the taps,
+        the final tokens and the CLS embedding read the first 1 + N rows only, so callers never
+        strip them. The tower is frozen, but autograd flows through the blocks into whatever the
+        hook adds (learnable prompts) when called with gradients enabled. Without a hook the
+        pass is the plain one.
+        """
         bad = [l for l in layers if not 1 <= l <= self.depth]
         if bad:
             raise ClipadError(f"layers {bad} out of range for '{self.name}' (blocks 1..{self.depth})")
         emb, grid = self.embed(x, pos_interp)
         h = self.visual.ln_pre(emb)
+        n_tokens = 1 + grid[0] * grid[1]
         taps: dict[int, torch.Tensor] = {}
         wanted = set(layers)
-        for i, blk in enumerate(self.blocks, start=1):
+        for i, blk in enumerate(self.blocks):
+            if layer_hook is not None:
+                h = apply_layer_hook(layer_hook, i, h, n_tokens)
             h = residual_block(blk, h)
-            if i in wanted:
-                taps[i] = h
-        cls, tokens = self.pool(h)
+            if i + 1 in wanted:
+                taps[i + 1] = image_rows(h, n_tokens)
+        cls, tokens = self.pool(image_rows(h, n_tokens))
         return ImageFeatures(cls=cls, tokens=tokens, taps=taps, embeds=emb if keep_embeds else None, grid=grid)
 
     def pool(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

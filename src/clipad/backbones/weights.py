@@ -1,11 +1,12 @@
 """Where CLIP weights come from: a local file, an open_clip tag, or nothing (random init).
 
-Resolution order for ``pretrained`` (ARCHITECTURE.md):
+Resolution order for ``pretrained`` (user-facing: docs/weights.md):
 
 1. an existing file path:
-   - an OpenAI TorchScript archive (``~/.cache/clip/ViT-L-14-336px.pt``) or an OpenAI state dict
-     (``.pt`` holding ``input_resolution``): loaded with QuickGELU, as OpenAI trained them;
-   - an open_clip checkpoint (``.bin``, ``.pt``, ``.pth``, ``.safetensors``).
+   - an OpenAI TorchScript archive (``~/.cache/clip/ViT-L-14-336px.pt``) or a state dict taken
+     from one (it keeps the ``input_resolution`` entry);
+   - any other state dict (``.bin``, ``.pt``, ``.pth``, ``.safetensors``): open_clip checkpoints,
+     and also ``model.state_dict()`` of OpenAI's own code, whose keys are exactly open_clip's.
    Pickled files are read with ``torch.load(weights_only=True)`` only; TorchScript archives with
    ``torch.jit.load`` (no Python pickle is executed for them).
 2. an open_clip pretrained tag (``laion400m_e31``, ``openai``, ...): taken from the Hugging Face
@@ -13,6 +14,20 @@ Resolution order for ``pretrained`` (ARCHITECTURE.md):
    ``HF_HUB_OFFLINE=1``) and no cached copy, :class:`~clipad.errors.WeightsNotFound` is raised
    after one quick reachability probe, never after a storm of retries.
 3. ``None``: random initialisation, seeded so that the same seed gives the same weights.
+
+QuickGELU or GELU (:func:`choose_quick_gelu`): OpenAI trained CLIP with QuickGELU
+(``x * sigmoid(1.702 x)``), as did MetaCLIP, DFN and LAION's ViT-B-32 400M runs; most other
+open_clip releases use exact GELU. Running weights with the other activation gives no error, only
+different (worse) features, so the choice is made from the evidence and contradictions are errors:
+
+- an architecture name ending in ``-quickgelu`` always uses QuickGELU;
+- an OpenAI TorchScript archive, or a state dict with ``input_resolution``: QuickGELU;
+- an open_clip tag: what open_clip records for it (``openai`` tags: QuickGELU);
+- any other file: nothing in it tells (OpenAI's and open_clip's state dicts have the same keys),
+  so the architecture's open_clip releases decide when they agree (``ViT-L-14-336``: only
+  ``openai``, QuickGELU; ``ViT-B-16-plus-240``: GELU; ``tiny`` and architectures without
+  releases: GELU, open_clip's default); when they disagree (``ViT-B-16``, ``ViT-L-14``...) the
+  caller must say ``quick_gelu=True/False`` or use the ``-quickgelu`` name.
 """
 
 from __future__ import annotations
@@ -27,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UnknownNameError, WeightsNotFound
+from ..errors import ClipadError, InvalidTypeError, InvalidValueError, UnknownNameError, WeightsNotFound
 
 HF_HOST = "huggingface.co"
 PROBE_TIMEOUT_S = 3.0
@@ -66,8 +81,10 @@ def _is_torchscript_file(path: Path) -> bool:
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
     """Read a checkpoint file without unpickling arbitrary objects.
 
-    Returns ``(state_dict, is_openai)``; ``is_openai`` is True for OpenAI-format files, which
-    need QuickGELU.
+    Returns ``(state_dict, is_openai)``; ``is_openai`` is True for files that are certainly
+    OpenAI's (a TorchScript archive, or a state dict still holding ``input_resolution``), which
+    need QuickGELU. False means "cannot tell", not "GELU": a plain state dict of OpenAI's code has
+    the same keys as an open_clip one (see :func:`choose_quick_gelu`).
     """
     path = Path(path)
     is_openai = False
@@ -216,3 +233,86 @@ def resolve(backbone: str, pretrained: str | os.PathLike | None, cache_dir: str 
     except Exception as exc:  # noqa: BLE001 - report any download failure the same way
         raise WeightsNotFound(hint.format(why=f"the download failed ({type(exc).__name__}: {exc})")) from exc
     return WeightsSource("tag", path, quick_gelu=quick_gelu, tag=tag)
+
+
+def release_activations(backbone: str) -> dict[str, bool]:
+    """open_clip's pretrained tags of ``backbone`` -> whether each was trained with QuickGELU
+    (empty for ``tiny`` and for architectures without releases)."""
+    if backbone == "tiny":
+        return {}
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(backbone)
+    return {t: bool(open_clip.get_pretrained_cfg(backbone, t).get("quick_gelu", False)) for t in tags}
+
+
+def _weights_activation(source: WeightsSource | None, openai_file: bool) -> tuple[bool | None, str]:
+    """(what the weights themselves say: True/False/None = cannot tell, why)."""
+    if source is not None and openai_file:
+        return True, f"'{source.path}' is an OpenAI checkpoint (TorchScript archive or state dict with input_resolution), trained with QuickGELU"
+    if source is not None and source.kind == "tag":
+        act = "QuickGELU" if source.quick_gelu else "GELU"
+        return source.quick_gelu, f"open_clip records the pretrained tag '{source.tag}' as trained with {act}"
+    return None, ""
+
+
+def choose_quick_gelu(
+    backbone: str,
+    *,
+    requested: bool | None,
+    arch_quick_gelu: bool,
+    source: WeightsSource | None,
+    openai_file: bool = False,
+) -> bool:
+    """Whether ``backbone`` must run QuickGELU (True) or GELU (False); rules in the module docstring.
+
+    Args:
+        requested: the caller's ``quick_gelu``: None = decide from the evidence (auto).
+        arch_quick_gelu: the architecture config's own flag (True for ``-quickgelu`` names).
+        source: the resolved weights (None or kind "random" for random weights).
+        openai_file: :func:`read_state_dict` recognised the file as OpenAI's.
+
+    Raises:
+        InvalidValueError: ``requested`` contradicts the architecture name or the weights.
+        ClipadError: auto, and a file whose activation cannot be told for an architecture whose
+            releases use both.
+    """
+    if requested is not None and not isinstance(requested, bool):
+        raise InvalidTypeError(f"quick_gelu must be None (auto), True or False; got {requested!r}")
+    weights_say, why = _weights_activation(source, openai_file)
+    if requested is not None:
+        if arch_quick_gelu and not requested:
+            raise InvalidValueError(
+                f"quick_gelu=False contradicts the backbone name '{backbone}', whose '-quickgelu' architecture is "
+                f"built with QuickGELU; drop quick_gelu (or pass True), or use '{backbone.removesuffix('-quickgelu')}' "
+                "for GELU weights"
+            )
+        if weights_say is not None and weights_say != requested:
+            raise InvalidValueError(
+                f"quick_gelu={requested} contradicts the weights: {why}; running them with "
+                f"{'QuickGELU' if requested else 'GELU'} changes every output. Drop quick_gelu (auto) or pass {weights_say}"
+            )
+        return requested
+    if arch_quick_gelu:
+        return True
+    if weights_say is not None:
+        return weights_say
+    if source is None or source.kind != "file":  # random weights: the architecture's own activation
+        return False
+    releases = release_activations(backbone)
+    kinds = set(releases.values())
+    if len(kinds) > 1:
+        quick = ", ".join(t for t, q in releases.items() if q)
+        plain = ", ".join(t for t, q in releases.items() if not q)
+        import open_clip
+
+        named = f"{backbone}-quickgelu"
+        alias = f", or backbone '{named}'" if named in open_clip.list_models() else ""
+        raise ClipadError(
+            f"cannot tell whether the weights in '{source.path}' were trained with QuickGELU or GELU: the file "
+            f"does not say (OpenAI's and open_clip's state dicts have the same keys), and open_clip's releases of "
+            f"'{backbone}' use both (QuickGELU: {quick}; GELU: {plain}). Pass quick_gelu=True (CLI: --quick-gelu on{alias}) "
+            "for OpenAI-trained weights or the QuickGELU releases, quick_gelu=False (--quick-gelu off) for the GELU "
+            "ones; the wrong choice gives no error, only worse features"
+        )
+    return kinds == {True}

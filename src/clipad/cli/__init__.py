@@ -3,6 +3,9 @@
 This package is the only place that knows argparse; the library below it takes plain arguments.
 Every subcommand reports each bad input on one stderr line, carries on with the rest, and exits
 1 at the end with a count when anything failed (2 for usage errors such as unknown names).
+Everything reaches stderr one way, as ``clipad: ...`` lines above the progress bar: :func:`main`
+turns any :class:`~clipad.errors.ClipadError` into one such line (never a traceback) and prints
+the library's warnings once each as ``clipad: warning: ...`` (:func:`.common.warnings_reported`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from .common import (
     dataset_from_args,
     method_options,
     report,
+    warnings_reported,
 )
 
 __all__ = [
@@ -69,11 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
-    try:
-        return int(args.func(args) or 0)
-    except ClipadError as exc:
-        report(str(exc))
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        report("interrupted")
-        return 130
+    with warnings_reported():
+        try:
+            return int(args.func(args) or 0)
+        except ClipadError as exc:  # a user's mistake (InvalidValueError... are ValueErrors too): one line
+            report(str(exc))
+            return EXIT_USAGE
+        except OSError as exc:  # a file system or network problem (unwritable --out, disk full): not a bug
+            report(str(exc))
+            return EXIT_FAILED_INPUTS
+        except KeyboardInterrupt:
+            report("interrupted")
+            return 130

@@ -7,14 +7,16 @@ from typing import Any
 
 
 def add_convert_parser(sub) -> None:
-    from ..convert import CONVERTERS
+    from ..methods.registry import list_converters
 
+    sources = list_converters()
     p = sub.add_parser(
-        "convert", help="import an official checkpoint (AnomalyCLIP) into clipad's format",
+        "convert", help=f"import an official checkpoint ({', '.join(sources)}) into clipad's format",
         description="Read an official checkpoint (.pth, tensors only) and write a clipad .safetensors usable with "
         "clipad.load_detector / --detector, or as create_detector(METHOD, checkpoint=OUT).",
     )
-    p.add_argument("--from", dest="source", required=True, choices=sorted(CONVERTERS), help="which official code wrote the file")
+    p.add_argument("--from", dest="source", required=True, choices=sources,
+                   help="which official code wrote the file (the method of that name)")
     p.add_argument("input", metavar="OFFICIAL.pth", help="the official checkpoint")
     p.add_argument("output", metavar="OUT.safetensors", help="the clipad checkpoint to write")
     p.add_argument("--backbone", default=None, help="backbone recorded in the header (default: the paper's)")

@@ -24,6 +24,10 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--classes", nargs="+", default=None, help="evaluate only these classes")
     p.add_argument("--out", default="clipad_eval", help="output directory (default: clipad_eval)")
     p.add_argument("--eval-size", type=int, default=None, help="map/mask size for pixel metrics (default: the model input size)")
+    p.add_argument("--resize", default="torch", choices=["torch", "pil"],
+                   help="how images and masks reach the model/eval size: torch (default: as predict, antialiased bicubic "
+                   "on tensors, masks nearest) or pil (as the official AnomalyCLIP/AdaptCLIP test scripts: PIL bicubic "
+                   "images, PIL bilinear masks binarised at 0.5: use it to reproduce paper numbers)")
     p.add_argument("--protocol", default="anomalyclip", choices=sorted(metrics_mod.PROTOCOLS),
                    help="metric definitions preset (default: anomalyclip, the official evaluation code)")
     p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (default: 2)")
@@ -35,6 +39,8 @@ def add_eval_parser(sub) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from ..errors import OutputWriteError
+    from ..eval.files import display_path, display_text
     from ..eval.run import format_table, run, table_rows, write_outputs
 
     dataset = dataset_from_args(args)
@@ -46,7 +52,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = run(
             det, dataset, classes=args.classes, shots=args.shots, seed=args.seed, eval_size=args.eval_size,
             batch_size=args.batch_size, workers=args.workers, protocol=args.protocol, n_examples=args.examples,
-            quiet=args.quiet, metrics_device=args.metrics_device,
+            quiet=args.quiet, metrics_device=args.metrics_device, resize=args.resize,
         )
         if not result.classes:
             report(f"{method}: no image could be evaluated")
@@ -57,15 +63,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "method": method, "backbone": det.backbone.name, "pretrained": det.backbone.pretrained,
             "image_size": det.image_size, "eval_size": args.eval_size or det.image_size,
             "dataset": args.dataset, "root": str(args.root), "shots": args.shots, "seed": args.seed,
-            "protocol": args.protocol, "device": str(det.device),
+            "protocol": args.protocol, "resize": args.resize, "device": str(det.device),
         }
-        paths = write_outputs(result, out, config)
+        try:
+            paths = write_outputs(result, out, config)
+        except OutputWriteError as exc:  # each file not written on its line; the others stand
+            for problem in exc.problems:
+                report(problem)
+            paths = exc.written
+            any_failed = True
         print(f"\n{method} on {args.dataset} ({args.shots}-shot), {result.seconds:.1f} s")
         print(format_table(table_rows(result)))
-        excluded = sorted({c for v in result.excluded.values() for c in v})
+        excluded = sorted({display_text(c) for v in result.excluded.values() for c in v})
         if excluded:
             print(f"* n/a: undefined for {', '.join(excluded)}; left out of the mean")
-        print(f"-> {paths['json']}, {paths['csv']}, {paths['curves']}, {paths['report']}")
+        if paths:
+            print("-> " + ", ".join(display_path(p) for p in paths.values()))
         if result.failures:
             report(f"{len(result.failures)} file(s) could not be read; see the lines above")
             any_failed = True

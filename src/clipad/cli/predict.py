@@ -1,12 +1,32 @@
-"""``clipad predict``: score image files and folders; scores.csv plus a heatmap per image."""
+"""``clipad predict``: score image files and folders; scores.csv plus a heatmap per image.
+
+Outputs are never lost to an output error: ``scores.csv`` is appended as images are scored
+(header first, flushed after every batch, so an interrupted run keeps every row scored so far);
+each heatmap and map is written atomically (a temporary file renamed into place); one that
+cannot be written is reported on one line, its row keeps an empty ``heatmap`` cell, the run goes
+on and exits 1. File names that are not UTF-8 appear as ``\\xNN`` in every output and message.
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import os
 import sys
 from pathlib import Path
 
 from .common import EXIT_FAILED_INPUTS, EXIT_OK, add_model_args, build_detector, report
+
+#: Columns of scores.csv; ``path`` and ``score`` stay first so readers of the older two-column
+#: file keep working. ``heatmap``: the overlay's path relative to --out (empty if not written).
+SCORES_COLUMNS = ("path", "score", "heatmap")
+
+# Output names are cut to this many bytes (before "_<n>.png"), within the usual 255-byte limit.
+_MAX_STEM_BYTES = 200
+
+# At most this many distinct skipped extensions are named in the summary line.
+_MAX_LISTED_EXTENSIONS = 8
 
 
 def _unique_name(stem: str, used: set[str]) -> str:
@@ -15,6 +35,39 @@ def _unique_name(stem: str, used: set[str]) -> str:
         name, i = f"{stem}_{i}", i + 1
     used.add(name)
     return name
+
+
+def _output_stem(path: Path) -> str:
+    """The stem of ``path`` as an output file name: undecodable bytes as ``\\xNN`` (so the
+    ``heatmap`` column names the file exactly, in valid UTF-8) and cut to fit the name limit."""
+    from ..eval.files import display_text
+
+    stem = display_text(path.stem) or "image"
+    while len(stem.encode("utf-8")) > _MAX_STEM_BYTES:
+        stem = stem[:-1]
+    return stem
+
+
+def _skipped_summary(item: str, skipped: list[Path], reference: bool = False) -> str:
+    exts = sorted({p.suffix.lower() for p in skipped if p.suffix})
+    exts = exts[:_MAX_LISTED_EXTENSIONS] + (["..."] if len(exts) > _MAX_LISTED_EXTENSIONS else [])
+    exts += ["no extension"] if any(not p.suffix for p in skipped) else []
+    listed = ", ".join(exts)
+    return (
+        f"{'reference ' if reference else ''}'{item}': skipped {len(skipped)} file(s) with unsupported "
+        f"extensions ({listed}); supported: {', '.join(sorted(_exts()))}; name a file explicitly to try it anyway"
+    )
+
+
+def _list_inputs(item: str, reference: bool = False) -> list[Path]:
+    """``list_images(item)``, reporting on one line what a directory held but was left out."""
+    from ..data.images import list_images
+
+    skipped: list[Path] = []
+    found = list_images(item, skipped=skipped)
+    if skipped:
+        report(_skipped_summary(item, skipped, reference))
+    return found
 
 
 def _load_batch(paths: list[Path]):
@@ -45,21 +98,83 @@ def _prefetched_batches(paths: list[Path], batch_size: int):
             yield batch
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    import csv
+class _ScoresCSV:
+    """scores.csv, appended one batch at a time.
 
+    Incremental rather than written once at the end: a crash, a kill or an interrupt at image 900
+    keeps the 899 rows before it. The header is written first and each batch's rows go out in one
+    write + flush, so between batches the file is complete CSV; if a write fails (disk full) the
+    file is cut back to its last complete row and later rows are not attempted (one error line).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows = 0
+        self.error: str | None = None
+        self._pending: list[tuple[str, str, str]] = []
+        self._file = open(path, "wb")  # bytes: the text is encoded as UTF-8 whatever the locale
+        try:  # the header, or OSError: a file that cannot take its header is not worth a run
+            self._file.write((",".join(SCORES_COLUMNS) + "\r\n").encode("utf-8"))
+            self._file.flush()
+        except OSError:
+            self._file.close()
+            raise
+        self._good = self._file.tell()
+
+    def add(self, path: Path, score: float, heatmap: str) -> None:
+        from ..eval.files import display_path
+
+        self._pending.append((display_path(path), f"{score:.6f}", heatmap))
+
+    def flush(self) -> None:
+        rows, self._pending = self._pending, []
+        if rows and not self.error and self._write(rows):
+            self.rows += len(rows)
+
+    def close(self) -> None:
+        self.flush()
+        try:
+            self._file.close()
+        except OSError as exc:
+            self._fail(exc)
+
+    def _write(self, rows) -> bool:
+        buf = io.StringIO()
+        csv.writer(buf).writerows(rows)
+        try:
+            self._file.write(buf.getvalue().encode("utf-8"))
+            self._file.flush()
+            self._good = self._file.tell()
+            return True
+        except OSError as exc:
+            self._fail(exc)
+            return False
+
+    def _fail(self, exc: OSError) -> None:
+        from ..eval.files import write_error_message
+
+        if self.error is None:
+            self.error = write_error_message(self.path, exc) + f"; it holds the first {self.rows} row(s)"
+        try:  # drop a partly written row so the file stays valid CSV
+            os.truncate(self.path, self._good)
+        except OSError:
+            pass
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
     from ..errors import ClipadError, ImageReadError
-    from ..data.images import list_images, load_image
-    from ..eval.viz import save_overlay_png
+    from ..data.images import load_image
+    from ..eval.files import atomic_write, display_path, write_error_message
+    from ..eval import viz
 
     failures = 0
     paths: list[Path] = []
     for item in args.images:
         try:
-            found = list_images(item)
+            found = _list_inputs(item)
         except ClipadError as exc:
             report(str(exc))
             failures += 1
@@ -76,7 +191,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.reference:
         refs, ref_paths = [], []
         for item in args.reference:
-            for p in list_images(item):
+            for p in _list_inputs(item, reference=True):
                 try:
                     refs.append(load_image(p))
                     ref_paths.append(p)
@@ -89,38 +204,61 @@ def cmd_predict(args: argparse.Namespace) -> int:
         det.set_reference(refs, class_name=None)
 
     out = Path(args.out)
-    (out / "heatmaps").mkdir(parents=True, exist_ok=True)
-    if args.save_maps:
-        (out / "maps").mkdir(parents=True, exist_ok=True)
-    used: set[str] = set()
-    rows: list[tuple[str, float]] = []
-    bar = tqdm(total=len(paths), desc=f"{det.name}", unit="img", file=sys.stderr, disable=args.quiet)
-    for batch_paths, images, errors in _prefetched_batches(paths, args.batch_size):
-        for exc in errors:
-            bar.clear()
-            report(f"{exc}; skipped")
-            failures += 1
-        if images:
-            pred = det.predict(images, class_name=args.class_name, batch_size=args.batch_size)
-            for i, (p, img) in enumerate(zip(batch_paths, images)):
-                amap = pred.anomaly_maps[i].numpy()
-                score = float(pred.image_scores[i])
-                name = _unique_name(p.stem, used)
-                save_overlay_png(out / "heatmaps" / f"{name}.png", img, amap, score=score, title=p.name,
-                                 vmin=args.vmin, vmax=args.vmax)
-                if args.save_maps:
-                    np.save(out / "maps" / f"{name}.npy", amap.astype(np.float32))
-                rows.append((str(p), score))
-        bar.update(len(batch_paths) + len(errors))
-    bar.close()
+    try:
+        (out / "heatmaps").mkdir(parents=True, exist_ok=True)
+        if args.save_maps:
+            (out / "maps").mkdir(parents=True, exist_ok=True)
+        scores = _ScoresCSV(out / "scores.csv")
+    except OSError as exc:  # nothing could be saved: stop before scoring anything
+        report(f"{write_error_message(exc.filename or out, exc)}; choose another --out")
+        return EXIT_FAILED_INPUTS
 
-    with open(out / "scores.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "score"])
-        w.writerows((p, f"{s:.6f}") for p, s in rows)
-    print(f"{len(rows)} image(s) scored -> {out / 'scores.csv'}, heatmaps in {out / 'heatmaps'}")
-    if failures:
-        report(f"{failures} input(s) failed; see the lines above")
+    output_failures = 0
+    used: set[str] = set()
+    bar = tqdm(total=len(paths), desc=f"{det.name}", unit="img", file=sys.stderr, disable=args.quiet)
+    try:
+        for batch_paths, images, errors in _prefetched_batches(paths, args.batch_size):
+            for exc in errors:
+                report(f"{exc}; skipped")
+                failures += 1
+            if images:
+                pred = det.predict(images, class_name=args.class_name, batch_size=args.batch_size)
+                for i, (p, img) in enumerate(zip(batch_paths, images)):
+                    amap = pred.anomaly_maps[i].numpy()
+                    score = float(pred.image_scores[i])
+                    name = _unique_name(_output_stem(p), used)
+                    heatmap = out / "heatmaps" / f"{name}.png"
+                    try:
+                        viz.save_overlay_png(heatmap, img, amap, score=score, title=p.name,
+                                             vmin=args.vmin, vmax=args.vmax)
+                        heatmap_cell = f"heatmaps/{name}.png"
+                    except Exception as exc:  # noqa: BLE001 - one lost figure must not lose the run
+                        report(f"{write_error_message(heatmap, exc)}; the score of '{display_path(p)}' is in scores.csv")
+                        output_failures += 1
+                        heatmap_cell = ""
+                    if args.save_maps:
+                        npy = out / "maps" / f"{name}.npy"
+                        try:
+                            with atomic_write(npy, "wb") as f:
+                                np.save(f, amap.astype(np.float32))
+                        except OSError as exc:
+                            report(write_error_message(npy, exc))
+                            output_failures += 1
+                    scores.add(p, score, heatmap_cell)
+            scores.flush()
+            bar.update(len(batch_paths) + len(errors))
+    finally:
+        bar.close()
+        scores.close()
+    if scores.error:
+        report(scores.error)
+        output_failures += 1
+    print(f"{scores.rows} image(s) scored -> {display_path(out / 'scores.csv')}, "
+          f"heatmaps in {display_path(out / 'heatmaps')}")
+    if failures or output_failures:
+        parts = [f"{failures} input(s) failed"] if failures else []
+        parts += [f"{output_failures} output file(s) not written"] if output_failures else []
+        report(f"{', '.join(parts)}; see the lines above")
         return EXIT_FAILED_INPUTS
     return EXIT_OK
 

@@ -30,6 +30,16 @@ def add_serve_parser(sub) -> None:
                    help="score at or above which an image is reported 'anomalous' (default: no decision)")
     g.add_argument("--references-dir", default=None, metavar="DIR",
                    help="keep references set over HTTP in DIR and reload them at start (default: memory only)")
+    b = p.add_argument_group("resource budgets (decoded pixels, from the image headers, before decoding; "
+                             "see docs/serve.md)")
+    b.add_argument("--max-image-pixels", type=float, default=50.0, metavar="MP",
+                   help="largest width*height of one image, in megapixels (default: 50); also Pillow's "
+                   "decompression-bomb limit in this process")
+    b.add_argument("--max-request-pixels", type=float, default=64.0, metavar="MP",
+                   help="most pixels of all images of one request, in megapixels (default: 64; 413 beyond)")
+    b.add_argument("--max-inflight-pixels", type=float, default=256.0, metavar="MP",
+                   help="most pixels of all requests being handled at once, in megapixels (default: 256; "
+                   "a request that does not fit waits up to 2 s, then gets 503)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
@@ -45,10 +55,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ClipadError(f"--max-batch must be at least 1; got {args.max_batch}")
     if args.max_upload_mb <= 0:
         raise ClipadError(f"--max-upload-mb must be positive; got {args.max_upload_mb}")
+    budgets = {}
+    for flag in ("max_image_pixels", "max_request_pixels", "max_inflight_pixels"):
+        mp = getattr(args, flag)
+        if not mp > 0:  # also NaN
+            raise ClipadError(f"--{flag.replace('_', '-')} must be a positive number of megapixels; got {mp:g}")
+        budgets[flag] = int(mp * 1_000_000)
+    if budgets["max_request_pixels"] > budgets["max_inflight_pixels"]:
+        raise ClipadError(f"--max-request-pixels ({args.max_request_pixels:g}) is over --max-inflight-pixels "
+                          f"({args.max_inflight_pixels:g}): such a request could never be served; raise the second")
     token = token_from_env(args.token)
+    # This process is the server: Pillow's decompression-bomb check (it refuses images over twice
+    # its limit while opening them) follows our per-image limit instead of its own 89 MP default.
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = budgets["max_image_pixels"]
     det = build_detector(args)
     app = create_app(det, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,
-                     token=token, threshold=args.threshold, references_dir=args.references_dir)
+                     token=token, threshold=args.threshold, references_dir=args.references_dir, **budgets)
     try:
         sock = bind_socket(args.host, args.port)
     except OSError as exc:

@@ -5,19 +5,24 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ClipadError
+from ..methods import get_method
+from ..methods.base import LearnedDetector
+from ..methods.registry import learned_methods
 from .common import add_dataset_args, add_model_args, build_detector, dataset_from_args, report
+
+DEFAULT_METHOD = "anomalyclip"
 
 
 def add_train_parser(sub) -> None:
     p = sub.add_parser(
-        "train", help="train a learned method (anomalyclip, ...) on an auxiliary dataset",
+        "train", help=f"train a learned method ({', '.join(learned_methods())}) on an auxiliary dataset",
         description="Train a learned method on an auxiliary labelled dataset (the official protocol uses its test "
         "split with masks: train on MVTec AD to evaluate on VisA, and the reverse). Writes OUT/<method>.safetensors "
         "(load with clipad.load_detector or --detector), per-epoch resumable checkpoints and CSV/JSON logs.",
     )
     add_dataset_args(p)
-    add_model_args(p)
-    p.set_defaults(method="anomalyclip", batch_size=None)
+    add_model_args(p, methods=learned_methods(), default_method=DEFAULT_METHOD)
+    p.set_defaults(batch_size=None)
     p.add_argument("--out", required=True, help="output directory (checkpoints, logs, final detector)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the method's, 15 for anomalyclip)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the method's, 1e-3)")
@@ -35,6 +40,9 @@ def add_train_parser(sub) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from ..train.loop import TrainConfig, fit
 
+    if not args.detector and not issubclass(get_method(args.method), LearnedDetector):
+        raise ClipadError(f"method '{args.method}' has nothing to train; methods with learned weights: "
+                          f"{', '.join(learned_methods())}")
     dataset = dataset_from_args(args)
     if args.classes:
         dataset = dataset.filter(class_name=args.classes)
@@ -42,15 +50,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not len(samples):
         raise ClipadError(f"the {args.split} split of '{args.root}' holds no images to train on")
     det = build_detector(args)
-    if not hasattr(det, "training_loss"):
-        raise ClipadError(f"method '{det.name}' has nothing to train")
+    if not isinstance(det, LearnedDetector):
+        raise ClipadError(f"'{args.detector}' is a '{det.name}' detector, which has nothing to train; methods with "
+                          f"learned weights: {', '.join(learned_methods())}")
     config = TrainConfig.for_method(det, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                     max_steps=args.max_steps)
     info = {"dataset": args.dataset, "root": str(args.root), "split": args.split, "images": len(samples),
             "anomalous": sum(s.label for s in samples), "classes": list(samples.classes)}
     # --detector FILE or --set checkpoint=FILE: fine-tune from those weights; else a fresh start
     fresh = False if args.detector else None
-    pool = list(dataset.filter(split="train", label=0)) if getattr(det, "training_references", 0) else None
+    pool = list(dataset.filter(split="train", label=0)) if det.training_references else None
     result = fit(det, list(samples), args.out, config, resume=args.resume, workers=args.workers, quiet=args.quiet,
                  dataset_info=info, fresh=fresh, reference_pool=pool)
     for e in result.epochs:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import InvalidValueError
+
 
 def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:
     """Focal loss of class-probability maps.
@@ -34,7 +36,7 @@ def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, sm
     """
     c = probs.shape[1]
     if c < 2:
-        raise ValueError(f"focal_loss needs at least 2 classes; got probs of shape {tuple(probs.shape)}")
+        raise InvalidValueError(f"focal_loss needs at least 2 classes (probs [B, C, H, W] with C >= 2); got probs of shape {tuple(probs.shape)}")
     flat = probs.movedim(1, -1).reshape(-1, c)
     idx = target.reshape(-1).long()
     one_hot = F.one_hot(idx, c).to(flat.dtype)

@@ -39,6 +39,8 @@ from ..backbones.clip import Backbone
 from ..errors import ClipadError
 
 PLACEHOLDER = "X"
+# (normal, abnormal) object-agnostic learned prompts: "object" stands for every class
+OBJECT_AGNOSTIC_PROMPTS = ("{} object.", "{} damaged object.")
 
 
 def encode_prompt_embeddings(

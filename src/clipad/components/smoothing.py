@@ -20,11 +20,13 @@ import math
 
 import torch
 
+from ..errors import InvalidValueError
+
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
     """[2r + 1] float64 weights of scipy's Gaussian kernel, r = int(truncate * sigma + 0.5)."""
     if sigma <= 0:
-        raise ValueError(f"sigma must be > 0; got {sigma}")
+        raise InvalidValueError(f"sigma must be > 0; got {sigma} (for no smoothing, skip the filter instead)")
     radius = int(truncate * float(sigma) + 0.5)
     x = torch.arange(-radius, radius + 1, dtype=torch.float64)
     w = torch.exp(-0.5 * (x / float(sigma)) ** 2)
@@ -67,7 +69,7 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0, truncate: float = 4.0)
     if sigma <= 0 or not math.isfinite(sigma):
         return maps
     if maps.ndim < 2:
-        raise ValueError(f"maps must be [..., H, W]; got shape {tuple(maps.shape)}")
+        raise InvalidValueError(f"maps must be [..., H, W] (at least 2-D); got shape {tuple(maps.shape)}")
     lead, (h, w) = maps.shape[:-2], maps.shape[-2:]
     dtype = maps.dtype
     x = maps.reshape(-1, h, w)

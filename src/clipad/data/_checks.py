@@ -6,7 +6,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from clipad.errors import ClipadError
+from clipad.errors import ClipadError, ClipadWarning
 from clipad.data.images import IMAGE_EXTENSIONS
 
 MASK_SUFFIX = "_mask"
@@ -40,6 +40,7 @@ def warn_missing_masks(where: str, images: Sequence[Path], expected: str) -> Non
         warnings.warn(
             f"{where}: {len(images)} anomalous image(s) have no mask ({expected}); they count "
             f"for image metrics only and are left out of pixel metrics: {summarise_paths(images)}",
+            ClipadWarning,
             stacklevel=3,
         )
 
@@ -49,5 +50,6 @@ def warn_orphan_masks(where: str, masks: Sequence[Path]) -> None:
         warnings.warn(
             f"{where}: {len(masks)} mask(s) match no anomalous image and are ignored: "
             f"{summarise_paths(masks)}",
+            ClipadWarning,
             stacklevel=3,
         )

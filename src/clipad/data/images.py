@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from clipad.errors import ClipadError, ImageReadError
+from clipad.errors import ClipadError, ClipadWarning, ImageReadError
 
 __all__ = ["IMAGE_EXTENSIONS", "list_images", "load_image", "load_mask"]
 
@@ -39,7 +39,9 @@ PathLike = str | os.PathLike[str]
 _UINT16_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 
 
-def list_images(dir_or_paths: PathLike | Iterable[PathLike]) -> list[Path]:
+def list_images(
+    dir_or_paths: PathLike | Iterable[PathLike], *, skipped: list[Path] | None = None
+) -> list[Path]:
     """Expand a path or a list of paths into image files.
 
     Directories are searched recursively for files whose suffix is in
@@ -47,10 +49,18 @@ def list_images(dir_or_paths: PathLike | Iterable[PathLike]) -> list[Path]:
     their path components. Hidden files (name starting with ``.``, e.g. macOS ``._x.png``
     resource forks that look like images but are not) and hidden directories are skipped.
     Files named explicitly are kept as given, whatever their suffix, so that a bad file
-    yields a clear read error later instead of silently vanishing from the run.
+    yields a clear read error later instead of silently vanishing from the run (an animated
+    GIF named explicitly is read, first frame).
+
+    The extension list stays fixed rather than "whatever Pillow opens": dataset layouts list
+    their folders with this function, and their file sets (which the few-shot protocols index
+    into) must not change with the Pillow version or with stray files. Callers that show
+    results to people pass ``skipped`` and say what was left out.
 
     Args:
         dir_or_paths: one path, or an iterable of paths, to files or directories.
+        skipped: if given, the non-hidden files found in directories whose suffix is not in
+            :data:`IMAGE_EXTENSIONS` are appended to it, sorted like the result.
 
     Returns:
         The files, explicit ones in the order given, each directory's files in sorted order
@@ -68,7 +78,7 @@ def list_images(dir_or_paths: PathLike | Iterable[PathLike]) -> list[Path]:
     for item in items:
         path = Path(item)
         if path.is_dir():
-            files.extend(_images_under(path))
+            files.extend(_images_under(path, skipped))
         elif path.exists():
             files.append(path)
         else:
@@ -76,13 +86,20 @@ def list_images(dir_or_paths: PathLike | Iterable[PathLike]) -> list[Path]:
     return files
 
 
-def _images_under(directory: Path) -> list[Path]:
+def _images_under(directory: Path, skipped: list[Path] | None = None) -> list[Path]:
     found: list[Path] = []
+    other: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(directory):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+            if name.startswith("."):
+                continue
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                 found.append(Path(dirpath) / name)
+            else:
+                other.append(Path(dirpath) / name)
+    if skipped is not None:
+        skipped.extend(sorted(other, key=lambda p: p.parts))
     # Sorting by components (not by the joined string) keeps a folder's files together;
     # within one folder it is plain Python string order, the order `sorted(os.listdir())`
     # gives, which the official few-shot protocols index into.
@@ -183,6 +200,7 @@ def load_mask(
             warnings.warn(
                 f"mask '{path}' is {mask.shape[1]}x{mask.shape[0]} but its image is "
                 f"{width}x{height}; resized with nearest neighbour",
+                ClipadWarning,
                 stacklevel=2,
             )
             resized = Image.fromarray(mask.astype(np.uint8) * 255).resize(
@@ -241,7 +259,7 @@ def _apply_orientation(image: Image.Image, name: str) -> Image.Image:
     try:
         oriented = ImageOps.exif_transpose(image)
     except Exception as exc:  # noqa: BLE001 - a malformed EXIF block must not lose the pixels
-        warnings.warn(f"image '{name}': ignoring unreadable EXIF orientation ({exc})", stacklevel=3)
+        warnings.warn(f"image '{name}': ignoring unreadable EXIF orientation ({exc})", ClipadWarning, stacklevel=3)
         oriented = None
     # exif_transpose returns a copy (or None in some Pillow versions); copy() detaches the
     # pixels from the file object that the `with` block is about to close.
@@ -313,12 +331,14 @@ def _binarise(values: np.ndarray, full_range: float, threshold: float | None, na
             warnings.warn(
                 f"mask '{name}' has {levels.size} levels, all at most {levels.max():g} of "
                 f"{full_range:g}: read as a label mask, every non-zero pixel is anomalous",
+                ClipadWarning,
                 stacklevel=3,
             )
         return values != 0
     warnings.warn(
         f"non-binary mask '{name}' ({levels.size} distinct values in 0..{full_range:g}); "
         "binarised at 0.5 of the range",
+        ClipadWarning,
         stacklevel=3,
     )
     return values > half

@@ -38,7 +38,7 @@ from typing import Any
 
 from clipad.data._checks import require_dir, warn_missing_masks
 from clipad.data.sample import ANOMALOUS, NORMAL, AnomalyDataset, Sample
-from clipad.errors import ClipadError
+from clipad.errors import ClipadError, ClipadWarning
 
 __all__ = ["meta_dataset"]
 
@@ -113,6 +113,7 @@ def meta_dataset(
         warnings.warn(
             f"meta file '{path}' has multi-view entries (view_id); views are indexed as plain "
             "images and the official per-view few-shot sampling is not reproduced",
+            ClipadWarning,
             stacklevel=2,
         )
     return AnomalyDataset(samples, name=f"meta:{path}", root=root)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from clipad.data._checks import mask_key, require_dir, summarise_paths, warn_missing_masks, warn_orphan_masks
 from clipad.data.sample import ANOMALOUS, NORMAL, AnomalyDataset, Sample
-from clipad.errors import ClipadError
+from clipad.errors import ClipadError, ClipadWarning
 from clipad.data.images import list_images
 
 __all__ = ["mvtec_dataset"]
@@ -90,6 +90,7 @@ def _index_class(class_dir: Path) -> list[Sample]:
         warnings.warn(
             f"class {name!r}: {len(loose)} file(s) directly in '{test_dir}' are ignored "
             f"(images belong in test/<defect>/): {summarise_paths(loose)}",
+            ClipadWarning,
             stacklevel=3,
         )
     defect_dirs = sorted(d for d in test_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -98,7 +99,7 @@ def _index_class(class_dir: Path) -> list[Sample]:
         defect = defect_dir.name
         images = list_images(defect_dir)
         if not images:
-            warnings.warn(f"class {name!r}: defect directory '{defect_dir}' holds no images", stacklevel=3)
+            warnings.warn(f"class {name!r}: defect directory '{defect_dir}' holds no images", ClipadWarning, stacklevel=3)
             continue
         n_test += len(images)
         if defect == _GOOD:
@@ -124,7 +125,7 @@ def _train_normals(class_dir: Path) -> list[Path]:
         return []  # zero-shot copies often drop train/; few-shot sampling says so if needed
     images = list_images(good)
     if not images:
-        warnings.warn(f"class {class_dir.name!r}: '{good}' holds no images (no few-shot pool)", stacklevel=4)
+        warnings.warn(f"class {class_dir.name!r}: '{good}' holds no images (no few-shot pool)", ClipadWarning, stacklevel=4)
     return images
 
 

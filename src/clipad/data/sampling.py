@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from clipad.data.sample import NORMAL, AnomalyDataset, Sample
-from clipad.errors import ClipadError
+from clipad.errors import ClipadError, ClipadWarning
 
 __all__ = ["few_shot_split", "sample_references"]
 
@@ -132,6 +132,7 @@ def few_shot_split(
     warnings.warn(
         f"class {class_name!r} of {dataset.name} has no training split: {len(picked)} reference "
         f"image(s) drawn from its {len(pool)} normal test images and removed from the test set",
+        ClipadWarning,
         stacklevel=2,
     )
     return references, AnomalyDataset(

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from clipad.data._checks import require_dir, warn_missing_masks, warn_orphan_masks
 from clipad.data.sample import ANOMALOUS, NORMAL, AnomalyDataset, Sample
-from clipad.errors import ClipadError
+from clipad.errors import ClipadError, ClipadWarning
 from clipad.data.images import list_images
 
 __all__ = ["visa_dataset"]
@@ -76,6 +76,7 @@ def visa_dataset(
         f"VisA split file '{csv_path}' not found; indexing by directory scan: every image is a "
         "test image and there is no training split (few-shot references are then drawn from "
         "the normal images and removed from the test set)",
+        ClipadWarning,
         stacklevel=2,
     )
     return _from_scan(root, classes)

@@ -115,7 +115,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import UnknownNameError
+from ..errors import ClipadWarning, InvalidValueError, UnknownNameError
 
 __all__ = [
     "IMAGE_KEYS",
@@ -148,8 +148,9 @@ _FPR_NORMS = ("minmax", "limit")
 _CHUNK = 128
 
 
-class UndefinedMetricWarning(RuntimeWarning):
-    """A metric is undefined for the given labels (e.g. a class without anomalies); it is NaN."""
+class UndefinedMetricWarning(ClipadWarning, RuntimeWarning):
+    """A metric is undefined for the given labels (e.g. a class without anomalies); it is NaN.
+    A :class:`~clipad.errors.ClipadWarning` (so the CLI prints it) and, as before, a ``RuntimeWarning``."""
 
 
 @dataclass(frozen=True)
@@ -164,17 +165,19 @@ class MetricOptions:
     resolution: int | tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
+        # a choice outside its set: UnknownNameError, listing the choices; a number out of range: InvalidValueError
         if self.ap not in _AP_MODES:
             raise UnknownNameError(f"ap={self.ap!r} is not one of {list(_AP_MODES)}")
         if self.aupro_fpr_norm not in _FPR_NORMS:
             raise UnknownNameError(f"aupro_fpr_norm={self.aupro_fpr_norm!r} is not one of {list(_FPR_NORMS)}")
         t = self.aupro_thresholds
         if not (t == "exact" or (isinstance(t, int) and not isinstance(t, bool) and t >= 1)):
-            raise ValueError(f"aupro_thresholds={t!r}: give a positive int (binned, official 200) or 'exact'")
-        if not 0.0 < float(self.fpr_limit) <= 1.0:
-            raise ValueError(f"fpr_limit={self.fpr_limit!r} must lie in (0, 1]")
+            raise InvalidValueError(f"aupro_thresholds={t!r}: give a positive int (binned, official 200) or 'exact'")
+        f = self.fpr_limit
+        if not (isinstance(f, (int, float)) and not isinstance(f, bool) and 0.0 < f <= 1.0):
+            raise InvalidValueError(f"fpr_limit={self.fpr_limit!r} must lie in (0, 1] (official 0.3)")
         if self.connectivity not in (4, 8):
-            raise ValueError(f"connectivity={self.connectivity!r} must be 4 or 8")
+            raise UnknownNameError(f"connectivity={self.connectivity!r} is not one of [4, 8]")
 
 
 PROTOCOLS: dict[str, MetricOptions] = {
@@ -215,7 +218,7 @@ def _scores(x: ArrayLike, name: str, device: torch.device | str | None) -> Tenso
         t = t.double()
     if t.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):  # min/max propagate NaN
         bad = int((~torch.isfinite(t)).sum())
-        raise ValueError(f"{name} has {bad} non-finite values (NaN/inf); replace them, e.g. torch.nan_to_num, first")
+        raise InvalidValueError(f"{name} has {bad} non-finite values (NaN/inf); replace them, e.g. torch.nan_to_num, first")
     return t
 
 
@@ -226,7 +229,7 @@ def _binary(x: ArrayLike, name: str, device: torch.device | str | None) -> Tenso
     ok = (t == 0) | (t == 1)
     if not bool(ok.all()):
         example = t[~ok].flatten()[0].item()
-        raise ValueError(f"{name} must be binary (bool or 0/1); found e.g. {example!r}; binarise it first, e.g. {name} > 0.5")
+        raise InvalidValueError(f"{name} must be binary (bool or 0/1); found e.g. {example!r}; binarise it first, e.g. {name} > 0.5")
     return t != 0
 
 
@@ -524,7 +527,7 @@ def _rank_samples(scores: ArrayLike, labels: ArrayLike) -> _Ranked:
     s = _scores(scores, "scores", None).flatten()
     y = _binary(labels, "labels", s.device).flatten()
     if s.shape != y.shape:
-        raise ValueError(f"scores has {s.numel()} values but labels has {y.numel()}")
+        raise InvalidValueError(f"scores has {s.numel()} values but labels has {y.numel()}; give one label per score")
     return _rank(s, y)
 
 
@@ -569,7 +572,7 @@ def _prepare_pixels(
     if gt.dim() == 4 and gt.shape[1] == 1:
         gt = gt[:, 0]
     if maps.dim() != 3:
-        raise ValueError(f"anomaly_maps must be [N, H, W]; got shape {tuple(maps.shape)}")
+        raise InvalidValueError(f"anomaly_maps must be [N, H, W] (or [N, 1, H, W]); got shape {tuple(maps.shape)}")
     if opts.resolution is not None:
         size = (opts.resolution, opts.resolution) if isinstance(opts.resolution, int) else tuple(opts.resolution)
         maps = torch.cat(
@@ -577,7 +580,7 @@ def _prepare_pixels(
         )
         gt = torch.cat([F.interpolate(c[:, None].float(), size=size, mode="nearest")[:, 0] > 0 for c in gt.split(_CHUNK)])
     if gt.shape != maps.shape:
-        raise ValueError(
+        raise InvalidValueError(
             f"masks shape {tuple(gt.shape)} differs from anomaly_maps shape {tuple(maps.shape)}; "
             "resize them to the same size, or pass resolution=... to resize both"
         )
@@ -627,14 +630,15 @@ def compute(
     scores = _scores(image_scores, "image_scores", device).flatten()
     labels = _binary(image_labels, "image_labels", scores.device).flatten()
     if scores.shape != labels.shape:
-        raise ValueError(f"image_scores has {scores.numel()} values but image_labels has {labels.numel()}")
+        raise InvalidValueError(f"image_scores has {scores.numel()} values but image_labels has {labels.numel()}; give one label per image")
     out = _curve_metrics(_rank(scores, labels), "image_", "images", opts.ap)
     if (anomaly_maps is None) != (masks is None):
-        raise ValueError("pixel metrics need both anomaly_maps and masks; got only one of them")
+        raise InvalidValueError(f"pixel metrics need both anomaly_maps and masks; got only {'anomaly_maps' if masks is None else 'masks'} "
+                                 "(pass both, or neither for image metrics only)")
     if anomaly_maps is not None and masks is not None:
         maps, gt = _prepare_pixels(anomaly_maps, masks, opts, device)
         if maps.shape[0] != scores.numel():
-            raise ValueError(f"anomaly_maps has {maps.shape[0]} maps but image_scores has {scores.numel()} values")
+            raise InvalidValueError(f"anomaly_maps has {maps.shape[0]} maps but image_scores has {scores.numel()} values; give one map per image")
         out.update(_pixel_metrics(maps, gt, opts))
     return out
 
@@ -656,7 +660,7 @@ def compute_per_class(
     """
     names = np.asarray(class_names)
     if names.shape[0] != len(image_scores):
-        raise ValueError(f"class_names has {names.shape[0]} entries but image_scores has {len(image_scores)}")
+        raise InvalidValueError(f"class_names has {names.shape[0]} entries but image_scores has {len(image_scores)}; give one class name per image")
     rows: dict[str, dict[str, float]] = {}
     for name in dict.fromkeys(names.tolist()):
         idx = torch.from_numpy(np.flatnonzero(names == name))

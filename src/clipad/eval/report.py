@@ -3,7 +3,8 @@
 One file, ``report.html``, readable offline and safe to mail around: images are embedded as
 base64 data URIs, the CSS is inline, there is no JavaScript, and a Content-Security-Policy
 forbids loading anything from outside the file. Every piece of text that comes from data (class
-names, file paths, config values, notes) is HTML-escaped: dataset folders are untrusted input.
+names, file paths, config values, notes) is HTML-escaped: dataset folders are untrusted input;
+bytes of file names that are not UTF-8 are shown as ``\\xNN`` (:mod:`clipad.eval.files`).
 
 Sections: run configuration, per-class metrics table (+ mean row), notes, ROC / PR curve
 images, and the highest- and lowest-scoring images of each class (image, heatmap overlay and
@@ -24,7 +25,6 @@ import base64
 import html
 import io
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,8 @@ import matplotlib
 import numpy as np
 from PIL import Image
 
+from ..errors import InvalidValueError, MissingFileError, UnknownNameError
+from .files import display_text, write_text_atomic
 from .viz import fit_for_display, overlay, value_range
 
 #: Table columns in display order with their headers; other keys follow in first-seen order.
@@ -91,7 +93,9 @@ table.config th { width: 12em; }
 
 
 def _e(value: object) -> str:
-    return html.escape(str(value), quote=True)
+    # display_text first: a file name with undecodable bytes (a lone surrogate) cannot be
+    # written as UTF-8; it is shown as \xNN instead of failing the whole report
+    return html.escape(display_text(value), quote=True)
 
 
 def _is_missing(value: object) -> bool:
@@ -202,7 +206,7 @@ def select_examples(
     """
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape != (len(class_names),):
-        raise ValueError(f"{scores.size} scores but {len(class_names)} class names")
+        raise InvalidValueError(f"{scores.size} scores but {len(class_names)} class names; give one class name per score")
     names = np.asarray(class_names, dtype=object)
     chosen: set[int] = set()
     for name in dict.fromkeys(class_names):
@@ -272,7 +276,7 @@ def _example_row(
     try:
         rgb, small_map, small_mask = fit_for_display(ex["image"], amap, ex.get("mask"), side)
     except ValueError as err:
-        raise ValueError(f"report example '{path}': {err}") from None
+        raise InvalidValueError(f"report example '{path}': {err}") from None
     h, w = small_map.shape
     dw, dh = _display_size(h, w, side)
     size_attr = f'width="{dw}" height="{dh}"'
@@ -350,7 +354,7 @@ def write_report(
         Path of the written ``report.html``.
     """
     if thumb_format not in ("jpeg", "png"):
-        raise ValueError(f"thumb_format must be 'jpeg' or 'png', got {thumb_format!r}")
+        raise UnknownNameError(f"thumb_format must be 'jpeg' or 'png', got {thumb_format!r}")
     out_dir = Path(out_dir)
     config = dict(config or {})
 
@@ -359,7 +363,7 @@ def write_report(
     for png in curve_pngs:
         png = Path(png)
         if not png.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"curve image '{png}' does not exist; write it before the report"
             )
         curve_html.append(f'<img src="{_png_file_uri(png)}" alt="{_e(png.stem)}">')
@@ -422,9 +426,6 @@ def write_report(
         ]
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / "report.html"
-    # Written beside and renamed so a reader never sees a half-written report.
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    # Written beside and renamed so a reader never sees a half-written report; the
+    # temporary file is removed if writing fails (e.g. a full disk).
+    return write_text_atomic(out_dir / "report.html", page)

@@ -5,8 +5,17 @@ method's input size (square; methods that tile non-square images, AnoCLIP, keep 
 input size), masks resized there by nearest neighbour; metrics per class, then their mean over
 classes (classes where a metric is undefined are left out of that mean and named).
 
+Resizing (``resize``): ``"torch"`` (default) is ``predict``'s antialiased bicubic resize of
+float tensors (:func:`clipad.data.transforms.resize_batch`), masks by nearest neighbour;
+``"pil"`` is the official test scripts' (:mod:`clipad.data.official`): images and references PIL
+bicubic, masks PIL bilinear then > 0.5, the inputs behind the papers' numbers.
+
 Maps are held as float16 at the evaluation size for one class at a time, so memory is bounded
 by the largest class, not by the dataset (VisA's largest class at 518 px: about 0.3 GB).
+
+A file that cannot be read is skipped, listed in ``RunResult.failures`` and announced at once by a
+:class:`~clipad.errors.SkippedInputWarning`; undefined metrics by an ``UndefinedMetricWarning``
+naming the class. Nothing here prints: the CLI shows warnings as ``clipad:`` lines.
 """
 
 from __future__ import annotations
@@ -26,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics as metrics_mod
-from ..errors import ClipadError, ImageReadError
+from .files import atomic_write, display_text, write_error_message, write_text_atomic
+from ..errors import ClipadError, ImageReadError, OutputWriteError, SkippedInputWarning
 from ..data.transforms import equal_runs
 
 METRIC_KEYS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
@@ -55,21 +65,35 @@ class RunResult:
     seconds: float
 
 
+RESIZE_MODES = ("torch", "pil")
+
+
 class _ToModelTensor:
     """PIL image -> [3, h, w] float at the detector's input size for it (square, or aspect kept
-    for methods that tile), resized as ``predict`` does. A class so DataLoader workers can pickle it."""
+    for methods that tile), resized as ``predict`` does (``resize="torch"``) or as the official
+    test scripts do (``"pil"``). A class so DataLoader workers can pickle it."""
 
-    def __init__(self, input_size) -> None:
+    def __init__(self, input_size, resize: str = "torch") -> None:
         self.input_size = input_size
+        self.resize = resize
 
     def __call__(self, image):
         from ..data.transforms import pil_to_tensor, resize_batch
 
+        if self.resize == "pil":
+            from ..data.official import pil_resize_to_tensor
+
+            return pil_resize_to_tensor(image, self.input_size((image.height, image.width)))
         t = pil_to_tensor(image)
         return resize_batch([t], self.input_size(tuple(t.shape[-2:])), t.device)[0]
 
 
-def _resize_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
+def _resize_mask(mask: torch.Tensor, size: int, resize: str = "torch") -> torch.Tensor:
+    """bool [H, W] -> bool [size, size]: nearest neighbour, or (``"pil"``) the official PIL bilinear + > 0.5."""
+    if resize == "pil":
+        from ..data.official import official_mask
+
+        return official_mask(mask, size) > 0.5
     if tuple(mask.shape) == (size, size):
         return mask
     return F.interpolate(mask[None, None].float(), size=(size, size), mode="nearest")[0, 0] > 0.5
@@ -78,20 +102,21 @@ def _resize_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
 def evaluate_class(
     det, samples, class_name: str, *, eval_size: int, batch_size: int, workers: int,
     protocol: str, n_examples: int, progress, failures: list[str], metrics_device: str | None = None,
+    resize: str = "torch",
 ) -> ClassResult | None:
-    """Score one class's test samples and compute its metrics."""
+    """Score one class's test samples and compute its metrics (``resize``: see the module docstring)."""
     from ..data import make_loader
 
     cuda = det.device.type == "cuda"
     loader = make_loader(
-        samples, batch_size, transform=_ToModelTensor(det.input_size), num_workers=workers, pin_memory=cuda
+        samples, batch_size, transform=_ToModelTensor(det.input_size, resize), num_workers=workers, pin_memory=cuda
     )
     # scores and maps stay on the device until the class is done: no host synchronisation per batch
     scores, labels, maps, masks, known, kept = [], [], [], [], [], []
     for batch in loader:
         for fail in batch.failures:
             failures.append(str(fail))
-            progress.write(f"clipad: {fail}", file=sys.stderr)
+            warnings.warn(str(fail), SkippedInputWarning, stacklevel=2)
         if isinstance(batch.images, torch.Tensor):
             runs = [batch.images]
         else:
@@ -107,7 +132,7 @@ def evaluate_class(
         for smp, mk in zip(batch.samples, batch.masks):
             labels.append(smp.label)
             known.append(mk is not None)
-            masks.append(_resize_mask(mk, eval_size) if mk is not None else torch.zeros(eval_size, eval_size, dtype=torch.bool))
+            masks.append(_resize_mask(mk, eval_size, resize) if mk is not None else torch.zeros(eval_size, eval_size, dtype=torch.bool))
             kept.append(smp)
         progress.update(len(batch) + len(batch.failures))
     if not kept:
@@ -128,8 +153,9 @@ def evaluate_class(
                 masks_t[known_t].to(maps_t.device), protocol=protocol
             )
             row.update({k: v for k, v in pix.items() if k.startswith("pixel_")})
-    for w in caught:
-        progress.write(f"clipad: class '{class_name}': {w.message}", file=sys.stderr)
+    # re-issued naming the class, each once: the pixel call repeats the image metrics' warnings
+    for msg, category in {str(w.message): w.category for w in caught}.items():
+        warnings.warn(f"class '{class_name}': {msg}", category, stacklevel=2)
 
     from .report import select_examples
 
@@ -153,6 +179,7 @@ def evaluate_class(
 def run(
     det, dataset, *, classes: list[str] | None, shots: int, seed: int, eval_size: int | None,
     batch_size: int, workers: int, protocol: str, n_examples: int, quiet: bool, metrics_device: str | None = None,
+    resize: str = "torch",
 ) -> RunResult:
     from tqdm import tqdm
 
@@ -163,6 +190,8 @@ def run(
     missing = [c for c in names if c not in dataset.classes]
     if missing:
         raise ClipadError(f"class(es) {missing} not in the dataset; it has: {', '.join(dataset.classes)}")
+    if resize not in RESIZE_MODES:
+        raise ClipadError(f"resize={resize!r} is not a resize mode; use one of {', '.join(RESIZE_MODES)}")
     eval_size = eval_size or det.image_size
     plan = [(c, *few_shot_split(dataset, c, shots, seed)) for c in names]
     total = sum(len(test) for _, _, test in plan)
@@ -172,16 +201,22 @@ def run(
         for cls, refs, test in plan:
             if shots:
                 try:
-                    det.set_reference([str(p) for p in refs], class_name=cls)
+                    if resize == "pil":  # as the test images; tensors at the model size are not resized again
+                        from ..data.images import load_image
+                        from ..data.official import pil_resize_to_tensor
+
+                        det.set_reference([pil_resize_to_tensor(load_image(p), det.model_size) for p in refs], class_name=cls)
+                    else:
+                        det.set_reference([str(p) for p in refs], class_name=cls)
                 except ImageReadError as exc:
                     failures.append(f"reference {exc}; class '{cls}' skipped")
-                    bar.write(f"clipad: reference {exc}; class '{cls}' skipped", file=sys.stderr)
+                    warnings.warn(failures[-1], SkippedInputWarning, stacklevel=2)
                     bar.update(len(test))
                     continue
             bar.set_postfix_str(cls)
             res = evaluate_class(
                 det, test, cls, eval_size=eval_size, batch_size=batch_size, workers=workers, metrics_device=metrics_device,
-                protocol=protocol, n_examples=n_examples, progress=bar, failures=failures,
+                protocol=protocol, n_examples=n_examples, progress=bar, failures=failures, resize=resize,
             )
             if shots:
                 det.clear_reference(cls)
@@ -208,7 +243,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     header = ["class", "n", "anom"] + [k.replace("_", " ") for k in keys]
     body = []
     for r in rows:
-        cells = [str(r["class"]), str(r["n_images"]), str(r["n_anomalous"])]
+        cells = [display_text(r["class"]), str(r["n_images"]), str(r["n_anomalous"])]
         for k in keys:
             v = r.get(k, math.nan)
             cells.append("n/a*" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}")
@@ -220,42 +255,92 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _displayable(value: Any) -> Any:
+    """``value`` with every string (dict keys too) as :func:`~.files.display_text` shows it, so
+    class names and paths from undecodable file names serialise as visible ``\\xNN``."""
+    if isinstance(value, str):
+        return display_text(value)
+    if isinstance(value, dict):
+        return {_displayable(k): _displayable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_displayable(v) for v in value]
+    return value
+
+
 def write_outputs(result: RunResult, out: Path, config: dict[str, Any]) -> dict[str, Path]:
+    """Write ``metrics.json``, ``metrics.csv``, ``curves.png`` and ``report.html`` into ``out``.
+
+    Each file is written to a temporary name and renamed into place, so none is ever left
+    truncated; one that cannot be written (disk full, no permission) does not stop the others.
+
+    Returns:
+        ``{"json", "csv", "curves", "report"}`` -> path of each file written.
+
+    Raises:
+        OutputWriteError: after trying every file, if any could not be written; its
+            ``problems`` say which and why (one line each), its ``written`` holds the rest.
+    """
     from .report import write_report
     from .viz import save_roc_pr_png
 
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputWriteError([write_error_message(out, exc)]) from exc
+    written: dict[str, Path] = {}
+    problems: list[str] = []
+    first_error: BaseException | None = None
+
+    def attempt(key: str, path: Path, write) -> None:
+        nonlocal first_error
+        try:
+            write(path)
+            written[key] = path
+        except Exception as exc:  # noqa: BLE001 - one output's failure must not lose the others
+            problems.append(write_error_message(path, exc))
+            first_error = first_error or exc
+
     rows = table_rows(result)
     nan = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
-    payload = {
+    payload = _displayable({
         "config": config,
         "classes": {r.name: {k: nan(v) for k, v in r.metrics.items()} | {"n_images": r.n_images, "n_anomalous": r.n_anomalous} for r in result.classes},
         "mean": {k: nan(v) for k, v in result.mean.items()},
         "excluded_from_mean": {k: v for k, v in result.excluded.items() if v},
         "failures": result.failures,
         "seconds": round(result.seconds, 3),
-    }
-    (out / "metrics.json").write_text(json.dumps(payload, indent=2))
+    })
+    attempt("json", out / "metrics.json", lambda p: write_text_atomic(p, json.dumps(payload, indent=2)))
+
     keys = ["class", "n_images", "n_anomalous"] + [k for k in METRIC_KEYS if any(k in r for r in rows)]
-    with open(out / "metrics.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if isinstance(r.get(k), float) and math.isnan(r[k]) else r.get(k, "")) for k in keys})
-    curves = save_roc_pr_png(
-        out / "curves.png", {r.name: (r.scores, r.labels) for r in result.classes},
-        title=f"{result.method}: image-level ROC and PR",
-    )
+
+    def write_csv(path: Path) -> None:
+        with atomic_write(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                cells = {k: ("" if isinstance(r.get(k), float) and math.isnan(r[k]) else r.get(k, "")) for k in keys}
+                w.writerow(cells | {"class": display_text(r["class"])})
+
+    attempt("csv", out / "metrics.csv", write_csv)
+    attempt("curves", out / "curves.png", lambda p: save_roc_pr_png(
+        p, {r.name: (r.scores, r.labels) for r in result.classes}, title=f"{result.method}: image-level ROC and PR",
+    ))
     notes = [f"{len(result.failures)} file(s) could not be read and were skipped."] if result.failures else []
     for k, v in result.excluded.items():
         if v:
             notes.append(f"{k}: undefined for {', '.join(v)} (no anomalous or no normal samples); left out of the mean.")
-    report = write_report(
-        out, title=f"{result.method} on {config.get('dataset')} ({config.get('shots', 0)}-shot)", config=config,
-        table=rows, notes=notes, curve_pngs=[curves],
+    if "curves" not in written:
+        notes.append("curves.png could not be written; the curves are missing from this report.")
+    attempt("report", out / "report.html", lambda p: write_report(
+        p.parent, title=f"{result.method} on {config.get('dataset')} ({config.get('shots', 0)}-shot)", config=config,
+        table=rows, notes=notes, curve_pngs=[written["curves"]] if "curves" in written else [],
         examples=[e for r in result.classes for e in r.examples],
-    )
-    return {"json": out / "metrics.json", "csv": out / "metrics.csv", "curves": curves, "report": report}
+    ))
+    if problems:
+        raise OutputWriteError(problems, written) from first_error
+    return written
 
 
 # -- CLI ---------------------------------------------------------------------------------------

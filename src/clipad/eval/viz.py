@@ -34,6 +34,9 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image
 
+from ..errors import InvalidValueError
+from .files import atomic_write, display_text
+
 ImageLike = Union[Image.Image, np.ndarray]
 
 #: Colour of NaN pixels in :func:`colorize` (mid grey: reads as "no value", unlike any cmap colour).
@@ -69,11 +72,11 @@ def colorize(amap: np.ndarray, vmin: float, vmax: float, cmap: str = "jet") -> n
     """
     amap = np.asarray(amap)
     if amap.ndim != 2:
-        raise ValueError(f"anomaly map must be 2-D [H, W], got shape {tuple(amap.shape)}")
+        raise InvalidValueError(f"anomaly map must be 2-D [H, W], got shape {tuple(amap.shape)}; pass one map, e.g. maps[i]")
     if not (math.isfinite(vmin) and math.isfinite(vmax)):
-        raise ValueError(f"vmin and vmax must be finite, got vmin={vmin}, vmax={vmax}")
+        raise InvalidValueError(f"vmin and vmax must be finite, got vmin={vmin}, vmax={vmax}; leave them None for the map's own range")
     if vmax < vmin:
-        raise ValueError(f"vmax ({vmax}) is smaller than vmin ({vmin}); swap them")
+        raise InvalidValueError(f"vmax ({vmax}) is smaller than vmin ({vmin}); swap them")
     # A 256-entry lookup table instead of calling the colormap per pixel: the call builds
     # float RGBA arrays 4x the map size, too slow and memory-hungry for 8000x8000 maps.
     lut = matplotlib.colormaps[cmap](np.linspace(0.0, 1.0, 256), bytes=True)[:, :3]
@@ -111,7 +114,7 @@ def overlay(
         ``[H, W, 3]`` uint8 RGB.
     """
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        raise InvalidValueError(f"alpha must be in [0, 1] (0: image only, 1: heatmap only), got {alpha}")
     rgb = to_rgb_array(image)
     amap = _check_map(amap, rgb.shape[:2])
     lo, hi = value_range(amap, vmin, vmax)
@@ -130,7 +133,7 @@ def to_rgb_array(image: ImageLike) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
-        raise ValueError(
+        raise InvalidValueError(
             f"image array must be uint8 (0-255), got {arr.dtype}; "
             "convert with (x * 255).round().astype(np.uint8) if it is a float image in [0, 1]"
         )
@@ -138,7 +141,7 @@ def to_rgb_array(image: ImageLike) -> np.ndarray:
         return np.repeat(arr[:, :, None], 3, axis=2)
     if arr.ndim == 3 and arr.shape[2] in (3, 4):
         return arr[:, :, :3]
-    raise ValueError(f"image array must be [H, W], [H, W, 3] or [H, W, 4], got {arr.shape}")
+    raise InvalidValueError(f"image array must be [H, W], [H, W, 3] or [H, W, 4] (channels last), got {arr.shape}")
 
 
 def value_range(
@@ -170,7 +173,7 @@ def _check_map(amap: np.ndarray, size: tuple[int, int], what: str = "anomaly map
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]  # a [1, H, W] map, as sliced from a batch
     if arr.shape != tuple(size):
-        raise ValueError(
+        raise InvalidValueError(
             f"{what} has shape {tuple(arr.shape)} but the image is {size[0]}x{size[1]} (HxW); "
             "resize the map to the image size first (Prediction.anomaly_maps already are)"
         )
@@ -247,7 +250,8 @@ def _render(fig: Figure) -> Image.Image:
 
 
 def _title_text(title: str | None, score: float | None) -> str:
-    parts = [] if title is None else [str(title)]
+    # display_text: a file name with undecodable bytes would make matplotlib's text layout raise
+    parts = [] if title is None else [display_text(title)]
     if score is not None:
         parts.append("score n/a" if not math.isfinite(score) else f"score {score:.4g}")
     return "  —  ".join(parts)
@@ -282,7 +286,8 @@ def heatmap_figure(
         image: PIL image or uint8 ``[H, W(, C)]`` array.
         amap: ``[H, W]`` float anomaly map at the image's size.
         score: image-level anomaly score, shown in the title (None: not shown).
-        title: e.g. the file name; shown verbatim (no mathtext, so ``$`` in names is safe).
+        title: e.g. the file name; shown verbatim (no mathtext, so ``$`` in names is safe),
+            undecodable bytes of a file name as ``\\xNN`` (:func:`~clipad.eval.files.display_text`).
         vmin, vmax: colour range; default the finite min / max of ``amap``. Pass fixed values
             to compare several images on one scale.
         mask: optional ``[H, W]`` ground truth, nonzero = anomalous.
@@ -347,7 +352,8 @@ def save_overlay_png(
     title: str | None = None,
     **kwargs: object,
 ) -> Path:
-    """Write :func:`heatmap_figure` ``(image, amap, score, title, **kwargs)`` as a PNG.
+    """Write :func:`heatmap_figure` ``(image, amap, score, title, **kwargs)`` as a PNG, atomically
+    (a temporary file renamed into place: no truncated PNG is ever left, see :mod:`.files`).
 
     Returns:
         ``path``; missing parent folders are created.
@@ -355,7 +361,8 @@ def save_overlay_png(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure = heatmap_figure(image, amap, score, title, **kwargs)  # type: ignore[arg-type]
-    figure.save(path, format="PNG")
+    with atomic_write(path, "wb") as f:  # never a truncated PNG, even on a full disk
+        figure.save(f, format="PNG")
     return path
 
 
@@ -371,11 +378,11 @@ def _counts_at_thresholds(
     scores = np.asarray(scores, dtype=np.float64).ravel()
     labels = np.asarray(labels).ravel() != 0
     if scores.shape != labels.shape:
-        raise ValueError(f"scores ({scores.size}) and labels ({labels.size}) differ in length")
+        raise InvalidValueError(f"scores ({scores.size}) and labels ({labels.size}) differ in length; give one label per score")
     if scores.size == 0:
-        raise ValueError("no scores to draw a curve from")
+        raise InvalidValueError("no scores to draw a curve from; pass at least one (score, label) pair")
     if np.isnan(scores).any():
-        raise ValueError(f"{int(np.isnan(scores).sum())} scores are NaN; drop them first")
+        raise InvalidValueError(f"{int(np.isnan(scores).sum())} scores are NaN; drop them first")
     order = np.argsort(scores, kind="mergesort")[::-1]
     scores, labels = scores[order], labels[order]
     # Tied scores are one threshold: keep only the last index of each run of equal scores.
@@ -451,7 +458,8 @@ def roc_pr_figure(
 
     Args:
         curves: name -> ``(scores [N], labels [N])``, e.g. ``{"bottle": (s, y), ...}``; pixel
-            level curves pass flattened maps and masks. Names are drawn verbatim.
+            level curves pass flattened maps and masks. Names are drawn verbatim (undecodable
+            bytes as ``\\xNN``).
         title: figure title, e.g. ``"image level"``.
         dpi: resolution of the rendered figure.
 
@@ -463,6 +471,7 @@ def roc_pr_figure(
     ax_roc, ax_pr = fig.subplots(1, 2)
     colours = matplotlib.colormaps["tab10" if len(curves) <= 10 else "tab20"]
     for i, (name, (scores, labels)) in enumerate(curves.items()):
+        name = display_text(name)
         colour = colours(i % colours.N)
         fpr, tpr, _ = roc_curve_points(scores, labels)
         precision, recall, _ = pr_curve_points(scores, labels)
@@ -489,7 +498,7 @@ def roc_pr_figure(
             for text in ax.legend(loc=loc, fontsize=7).get_texts():
                 text.set_parse_math(False)
     if title:
-        fig.suptitle(title, fontsize=12, parse_math=False)
+        fig.suptitle(display_text(title), fontsize=12, parse_math=False)
     return _render(fig)
 
 
@@ -499,8 +508,10 @@ def save_roc_pr_png(
     title: str | None = None,
     **kwargs: object,
 ) -> Path:
-    """Write :func:`roc_pr_figure` ``(curves, title, **kwargs)`` as a PNG; returns the path."""
+    """Write :func:`roc_pr_figure` ``(curves, title, **kwargs)`` as a PNG, atomically; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    roc_pr_figure(curves, title, **kwargs).save(path, format="PNG")  # type: ignore[arg-type]
+    figure = roc_pr_figure(curves, title, **kwargs)  # type: ignore[arg-type]
+    with atomic_write(path, "wb") as f:
+        figure.save(f, format="PNG")
     return path

@@ -1,10 +1,16 @@
-"""What every method shares: input handling, batching, precision, references, save.
+"""What every method shares: its options, input handling, batching, precision, references,
+save, and the training contract of learned methods.
 
-A method subclasses :class:`Detector` and implements
+A method is a :class:`Detector` subclass with its own frozen :class:`Options` dataclass
+(``methods/<name>/options.py``, declared as the class attribute ``Options``) and implements
 
 - ``score_batch(x, class_name, reference) -> (image_scores [B], anomaly_maps [B, S, S])`` on
   normalised model-sized images, and, for few-shot methods,
 - ``encode_reference(x) -> dict[str, Tensor]``: the per-class memory built from normal images.
+
+A method with learned tensors subclasses :class:`LearnedDetector` instead, which declares what
+:mod:`clipad.train` and checkpoints use (``trainable_parameters``, ``training_loss``,
+``reset_parameters``, ``learned_state`` / ``load_learned_state``, ``training_defaults``...).
 
 Everything else (accepted input types, resizing to the model size and back, chunking into
 batches, autocast, caching, references per class, checkpoints) lives here once.
@@ -12,18 +18,25 @@ batches, autocast, caching, references per class, checkpoints) lives here once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import json
+import math
+import numbers
+import os
+import types
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
 import torch
 from torch import nn
 
 from ..backbones.clip import Backbone
-from ..errors import ClipadError
+from ..checkpoint import write_checkpoint
 from ..data.transforms import ImageInput, as_image_list, equal_runs, resize_batch, resize_map
+from ..errors import ClipadError, InvalidTypeError, InvalidValueError, UnknownNameError
 
 DEFAULT_CLASS = "object"
 
@@ -44,36 +57,230 @@ class Prediction:
         return int(self.image_scores.shape[0])
 
 
+
+# --------------------------------------------------------------------------- options
+
+_KINDS = {bool: ("true or false", "booleans"), int: ("an integer", "integers"),
+          float: ("a finite number", "finite numbers"), str: ("a string", "strings")}
+
+
+def _describe(tp: Any) -> str:
+    """A field annotation in words: ``tuple[int, ...] | None`` -> "a list of integers or None"."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if tp is type(None):
+        return "None"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_KINDS[args[0]][1]}"
+    return _KINDS[tp][0]
+
+
+class _Mismatch(Exception):
+    """A value that does not fit an annotation (internal to :func:`_coerce`)."""
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """``value`` checked against the annotation ``tp`` and normalised (JSON lists -> tuples, ints
+    -> floats where a float is declared); :class:`_Mismatch` when it does not fit. Supported:
+    bool, int, float (finite), str, ``Literal[...]`` of strings, ``tuple[X, ...]``, ``X | None``."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        for option in args:
+            try:
+                return _coerce(value, option)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if tp is type(None):
+        if value is None:
+            return None
+    elif origin is Literal:
+        if isinstance(value, str) and value in args:
+            return value
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(v, args[0]) for v in value)
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+    elif tp is float:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise InvalidTypeError(f"option annotation {tp!r} is not supported by clipad.methods.base._coerce")
+    raise _Mismatch
+
+
+def _flat_types(tp: Any) -> list[Any]:
+    return [t for a in get_args(tp) for t in _flat_types(a)] if get_origin(tp) in (Union, types.UnionType) else [tp]
+
+
+def _bad_value(name: str, value: Any, tp: Any, default: Any) -> ClipadError:
+    """The error for ``value`` not fitting ``tp``: an unknown choice, a non-finite number or a wrong type."""
+    kinds = _flat_types(tp)
+    message = f"option {name} must be {_describe(tp)}; got {value!r}"
+    if default is not None or type(None) in kinds:
+        message += f" (default: {json.dumps(_jsonable(default))})"
+    if isinstance(value, str) and any(get_origin(k) is Literal for k in kinds):
+        return UnknownNameError(message)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and float in kinds:
+        return InvalidValueError(message)  # nan or inf where a finite number is needed
+    return InvalidTypeError(message)
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class Options:
+    """Options every method takes. A method extends it in ``methods/<name>/options.py``.
+
+    Construction type-checks every field against its annotation and normalises it (JSON lists
+    -> tuples, integers -> floats where a float is declared; floats must be finite); a
+    subclass's ``__post_init__`` calls ``super().__post_init__()`` and then checks its values.
+    Field metadata ``{"cli": "--flag", "help": "..."}`` makes the shared command line offer the
+    option as a flag of its own (``clipad.cli.common.add_model_args``).
+    """
+
+    image_size: int | None = None
+    """Model input size in pixels; None = the method's default (:meth:`Detector.default_input_size`).
+    Must be a multiple of the backbone's patch size."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """"auto": bf16 autocast on CUDA, fp32 elsewhere; "fp32"; or "bf16" (also on CPU)."""
+
+    def __post_init__(self) -> None:
+        hints = _field_types(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            try:
+                value = _coerce(value, hints[f.name])
+            except _Mismatch:
+                raise _bad_value(f.name, value, hints[f.name], f.default) from None
+            object.__setattr__(self, f.name, value)  # frozen: normalise in place once
+        if self.image_size is not None and self.image_size <= 0:
+            raise InvalidValueError(f"option image_size must be a positive multiple of the patch size; got {self.image_size}")
+
+
+@dataclass(frozen=True)
+class LearnedOptions(Options):
+    """Options of every :class:`LearnedDetector`."""
+
+    checkpoint: str | None = field(default=None, metadata={
+        "cli": "--checkpoint", "metavar": "FILE",
+        "help": "learned weights of a trained method (.safetensors from `clipad train` or `clipad convert`)",
+    })
+    """A clipad ``.safetensors`` holding this method's learned weights (a saved detector, a
+    ``clipad train`` result or a ``clipad convert`` output), loaded by :func:`clipad.create_detector`
+    after construction; None = freshly initialised weights. Saved detectors record None: the
+    weights are in the saved file itself."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.checkpoint, os.PathLike):
+            object.__setattr__(self, "checkpoint", os.fspath(self.checkpoint))
+        super().__post_init__()
+
+
+def make_options(cls: type[Detector], values: Mapping[str, Any]) -> Options:
+    """``cls.Options`` built from keyword ``values`` (as ``create_detector`` and saved files give
+    them): unknown names raise :class:`UnknownNameError` listing the valid ones; bad values raise
+    the :class:`ClipadError` of the option, prefixed with the method's name."""
+    valid = [f.name for f in fields(cls.Options)]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise UnknownNameError(f"unknown option(s) {unknown} for method '{cls.name}'. Valid options: {', '.join(valid)}")
+    try:
+        return cls.Options(**values)
+    except ClipadError as exc:
+        exc.args = (f"method '{cls.name}': {exc}",)
+        raise
+
+
+def options_dict(opts: Options) -> dict[str, Any]:
+    """All fields of ``opts`` as JSON-able values (tuples as lists): what checkpoints record."""
+    return _jsonable(asdict(opts))
+
+
+# --------------------------------------------------------------------------- detectors
+
+
 class Detector(nn.Module):
     """Base class of all methods. Create instances with :func:`clipad.create_detector`."""
 
     name: ClassVar[str] = ""
+    Options: ClassVar[type[Options]] = Options  # each method declares its own dataclass
     default_backbone: ClassVar[str] = "ViT-B-16-plus-240"
     default_pretrained: ClassVar[str | None] = None
     few_shot: ClassVar[bool] = False
 
-    def __init__(self, backbone: Backbone, *, image_size: int = 240, precision: str = "auto") -> None:
+    def __init__(self, backbone: Backbone, options: Options | None = None, **kwargs: Any) -> None:
+        """``options``: an instance of the class's :attr:`Options`, or the same as keywords
+        (``WinCLIP(backbone, scales=(2,))``). :func:`clipad.create_detector` also applies the
+        ``checkpoint`` option of learned methods and places the detector on its device."""
         super().__init__()
-        if precision not in ("auto", "fp32", "bf16"):
-            raise ClipadError(f"precision must be 'auto', 'fp32' or 'bf16'; got '{precision}'")
-        if image_size <= 0 or image_size % backbone.patch_size[0]:
-            raise ClipadError(
-                f"image_size={image_size} must be a positive multiple of the patch size {backbone.patch_size[0]}"
+        if options is None:
+            options = make_options(type(self), kwargs)
+        elif kwargs:
+            raise InvalidValueError(f"{type(self).__name__}: pass options as one {type(self).Options.__name__} or as "
+                                    f"keywords, not both (got keywords {sorted(kwargs)})")
+        elif type(options) is not type(self).Options:
+            raise InvalidTypeError(f"{type(self).__name__} takes {type(self).Options.__name__}; got {type(options).__name__}")
+        patch = backbone.patch_size[0]
+        size = options.image_size if options.image_size is not None else self.default_input_size(backbone)
+        if size % patch:
+            raise InvalidValueError(
+                f"image_size={size} must be a positive multiple of the patch size {patch} of backbone '{backbone.name}'"
             )
+        self.opts = options
         self.backbone = backbone
-        self.image_size = int(image_size)
-        self.precision = precision
-        self.options: dict[str, Any] = {}  # set by create_detector: what save() records
+        self.image_size = int(size)
         self.seed = 0
         self._references: dict[str, dict[str, torch.Tensor]] = {}
         self._text_cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def default_input_size(cls, backbone: Backbone) -> int:
+        """Model input size when the ``image_size`` option is None (240, WinCLIP's and AnoCLIP's)."""
+        return 240
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Every option, JSON-able (tuples as lists): what :meth:`save` records and
+        ``create_detector(method, **det.options)`` rebuilds."""
+        return options_dict(self.opts)
+
+    @property
+    def precision(self) -> str:
+        return self.opts.precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        self.opts = replace(self.opts, precision=value)  # validated; saved with the detector
 
     # -- to implement --------------------------------------------------------------------------
     def score_batch(
         self, x: torch.Tensor, class_name: str, reference: dict[str, torch.Tensor] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised images [B, 3, S, S] -> (scores [B], maps [B, S, S])."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement score_batch(x, class_name, reference)")
 
     def encode_reference(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Normalised normal images [K, 3, S, S] -> the method's reference memory."""
@@ -82,6 +289,10 @@ class Detector(nn.Module):
     def learned_state(self) -> dict[str, torch.Tensor]:
         """Learned tensors that a checkpoint must hold (none for training-free methods)."""
         return {}
+
+    def load_learned_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ClipadError(f"method '{self.name}' has no learned tensors, but the checkpoint holds {sorted(state)[:5]}")
 
     def copy_learned(self, own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], hint: str) -> None:
         """Check ``state`` against the detector's own learned tensors ``own`` (same names, same
@@ -102,10 +313,6 @@ class Detector(nn.Module):
             for key, target in own.items():
                 target.copy_(state[key].to(target.device, target.dtype))
         self._text_cache.clear()
-
-    def load_learned_state(self, state: dict[str, torch.Tensor]) -> None:
-        if state:
-            raise ClipadError(f"method '{self.name}' has no learned tensors, but the checkpoint holds {sorted(state)[:5]}")
 
     # -- shared machinery ----------------------------------------------------------------------
     def train(self, mode: bool = True) -> Detector:
@@ -206,6 +413,18 @@ class Detector(nn.Module):
             memory = self.encode_reference(x)
         self._references[class_name or ""] = {k: v.float() for k, v in memory.items()}
 
+    @property
+    def references(self) -> Mapping[str, Mapping[str, torch.Tensor]]:
+        """Read-only view of the reference memories by class ("" = the default set)."""
+        return types.MappingProxyType({c: types.MappingProxyType(m) for c, m in self._references.items()})
+
+    def load_references(self, references: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Replace all reference memories (e.g. read from a checkpoint): ``{class: {name: tensor}}``,
+        moved to the detector's device."""
+        if references and not self.few_shot:
+            raise ClipadError(f"method '{self.name}' has no few-shot mode, but references for {sorted(references)} were given")
+        self._references = {c: {k: v.to(self.device) for k, v in m.items()} for c, m in references.items()}
+
     def clear_reference(self, class_name: str | None = None) -> None:
         self._references.pop(class_name or "", None)
 
@@ -223,12 +442,84 @@ class Detector(nn.Module):
 
         A ``checkpoint`` option is recorded as None: the learned tensors are in the saved file
         itself, so the file they first came from need not exist at load time."""
-        from ..checkpoint import save_detector
+        options = self.options
+        if options.get("checkpoint") is not None:
+            options["checkpoint"] = None
+        return write_checkpoint(
+            path, method=self.name, backbone=self.backbone.name, pretrained=self.backbone.pretrained, seed=self.seed,
+            image_size=self.image_size, precision=self.precision, options=options, learned=self.learned_state(),
+            references=self._references,
+        )
 
-        recorded = self.options
-        if recorded.get("checkpoint") is not None:
-            self.options = {**recorded, "checkpoint": None}
-        try:
-            return save_detector(self, path)
-        finally:
-            self.options = recorded
+
+class LearnedDetector(Detector):
+    """A method with learned tensors, trained by :mod:`clipad.train` and saved in checkpoints.
+
+    Subclasses implement the methods below that raise NotImplementedError and may set the class
+    attributes. :func:`clipad.create_detector` loads the ``checkpoint`` option's weights after
+    construction (constructing the class directly with a ``checkpoint`` is an error).
+    """
+
+    Options: ClassVar[type[Options]] = LearnedOptions
+    opts: LearnedOptions
+    #: the method's official recipe, read by ``TrainConfig.for_method``: any of ``epochs``,
+    #: ``batch_size``, ``lr``, ``betas``, ``seed`` (what is missing takes TrainConfig's default)
+    training_defaults: ClassVar[dict[str, Any]] = {}
+    #: normal reference images per training query; > 0 makes the loop pass ``references``
+    training_references: ClassVar[int] = 0
+    #: smaller batches are skipped while training (BatchNorm in training mode needs 2)
+    min_train_batch: ClassVar[int] = 1
+
+    def __init__(self, backbone: Backbone, options: Options | None = None, **kwargs: Any) -> None:
+        super().__init__(backbone, options, **kwargs)
+        if self.opts.checkpoint is not None:
+            # the weights are loaded once the subclass has built its modules, by create_detector
+            raise InvalidValueError(
+                f"{type(self).__name__}(backbone, checkpoint=...) does not load weights: use "
+                f"clipad.create_detector('{self.name}', checkpoint=...), or build it without and call "
+                "det.load_learned_state(clipad.checkpoint.read_learned_weights(path, det.name))"
+            )
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The tensors the optimiser updates (the backbone stays frozen)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement trainable_parameters()")
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Optimiser parameter groups at base learning rate ``lr``; override when parts train at
+        different rates. Default: one group of :meth:`trainable_parameters`."""
+        return [{"params": list(self.trainable_parameters())}]
+
+    def training_loss(
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        class_names: Sequence[str] | None = None,
+        references: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One batch's loss.
+
+        Args:
+            images: [B, 3, S, S] CLIP-normalised images at ``image_size``.
+            masks: [B, S, S] float {0, 1} anomaly masks.
+            labels: [B] 0 normal / 1 anomalous.
+            class_names: the B class names (methods that use class words).
+            references: [B, R, 3, S, S] CLIP-normalised normal images of each query's class,
+                R = :attr:`training_references` (None when that is 0).
+        Returns:
+            (loss, parts): the scalar to minimise and detached scalars for the logs.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement training_loss(images, masks, labels, ...)")
+
+    def reset_parameters(self, seed: int) -> None:
+        """Fresh initialisation of every learned tensor, drawn from ``seed`` (a new training run)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement reset_parameters(seed)")
+
+    def learned_state(self) -> dict[str, torch.Tensor]:
+        """Detached learned tensors by name: what checkpoints hold."""
+        raise NotImplementedError(f"{type(self).__name__} must implement learned_state()")
+
+    def load_learned_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy ``state`` (as :meth:`learned_state` names it) in; usually via :meth:`copy_learned`."""
+        raise NotImplementedError(f"{type(self).__name__} must implement load_learned_state(state)")

@@ -40,15 +40,29 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..version import __version__
-from ..errors import ClipadError, ImageReadError
+from ..errors import ClipadError, ImageReadError, InvalidValueError
 from ..methods.base import DEFAULT_CLASS
 from . import references as refstore
 from .batcher import Batcher, QueueFull, predict_groups
-from .images import DEFAULT_MAX_PIXELS, ImageTooLarge, load_image_bytes, map_png, overlay_png
+from .budget import (
+    DEFAULT_INFLIGHT_WAIT_S,
+    DEFAULT_MAX_INFLIGHT_PIXELS,
+    DEFAULT_MAX_REQUEST_PIXELS,
+    PixelBudget,
+    RequestTooLarge,
+    ServerBusy,
+    check_request,
+    release_memory,
+)
+from .images import DEFAULT_MAX_PIXELS, ImageTooLarge, declared_size, load_image_bytes, map_png, overlay_png
 
 __all__ = ["background_server", "create_app"]
 
 _MULTIPART_ROUTES = ("/v1/predict", "/v1/references/")
+
+#: After a request of at least this many pixels, freed heap is handed back to the system
+#: (:func:`~clipad.serve.budget.release_memory`): below it the few ms of malloc_trim buy little.
+_TRIM_AFTER_PIXELS = 4_000_000
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,6 +196,9 @@ def create_app(
     references_dir: str | Path | None = None,
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
     max_queue: int = 1024,
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
+    max_inflight_pixels: int = DEFAULT_MAX_INFLIGHT_PIXELS,
+    inflight_wait_s: float = DEFAULT_INFLIGHT_WAIT_S,
 ) -> FastAPI:
     """Build the ASGI app serving ``detector``.
 
@@ -195,12 +212,28 @@ def create_app(
         references_dir: where references set over HTTP are kept and reloaded from at start.
         max_image_pixels: largest ``width * height`` of an upload (413 beyond).
         max_queue: most images waiting for the model (503 beyond).
+        max_request_pixels: most decoded pixels (sum of ``width * height`` as the headers
+            declare them) of one request's images (413 beyond); see :mod:`.budget`.
+        max_inflight_pixels: most decoded pixels of all requests being handled at once; a
+            request that does not fit waits up to ``inflight_wait_s`` seconds, then gets 503.
+        inflight_wait_s: that wait.
 
     Returns:
         A FastAPI app; run it with uvicorn (``clipad serve``) or a TestClient (within ``with``,
         so that its lifespan starts the batcher).
     """
+    for flag, value in (("--max-image-pixels", max_image_pixels), ("--max-request-pixels", max_request_pixels),
+                        ("--max-inflight-pixels", max_inflight_pixels)):
+        if value <= 0:
+            raise InvalidValueError(f"{flag} must be positive; got {value / 1e6:g} MP")
+    if max_request_pixels > max_inflight_pixels:
+        raise InvalidValueError(
+            f"--max-request-pixels ({max_request_pixels / 1e6:g} MP) is over --max-inflight-pixels "
+            f"({max_inflight_pixels / 1e6:g} MP): a request that large could never be served; raise the second "
+            "or lower the first"
+        )
     refs_root = Path(references_dir) if references_dir is not None else None
+    budget = PixelBudget(max_inflight_pixels, inflight_wait_s)
     batcher = Batcher(
         lambda items: predict_groups(detector, max_batch, items),
         max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
@@ -227,6 +260,7 @@ def create_app(
     app = FastAPI(title="clipad", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None)  # the bundled doc pages load scripts from a CDN
     app.state.batcher = batcher
+    app.state.budget = budget
     app.state.detector = detector
     app.state.shots = {}
     app.add_middleware(_Guard, token=token, max_body=int(max_upload_mb * 2**20))
@@ -240,14 +274,42 @@ def create_app(
     async def _busy(request: Request, exc: QueueFull):
         return JSONResponse({"detail": f"server busy: {exc}"}, status_code=503, headers={"Retry-After": "1"})
 
-    async def decode(files: list[UploadFile]) -> tuple[list[str], list[Any]]:
-        names, images = [], []
-        for i, upload in enumerate(files):
-            name = upload.filename or f"image{i}"
-            data = await upload.read()
-            images.append(await run_in_threadpool(load_image_bytes, data, name, max_image_pixels))
-            names.append(name)
-        return names, images
+    @app.exception_handler(RequestTooLarge)
+    async def _request_too_large(request: Request, exc: RequestTooLarge):
+        return JSONResponse({"detail": str(exc)}, status_code=413)
+
+    @app.exception_handler(ServerBusy)
+    async def _budget_full(request: Request, exc: ServerBusy):
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+
+    async def read_uploads(files: list[UploadFile]) -> tuple[list[str], list[bytes], int]:
+        """Names, bytes and the request's declared pixels, checked against the per-image and
+        per-request limits from the headers alone: nothing is decoded before :func:`admitted`."""
+        names = [upload.filename or f"image{i}" for i, upload in enumerate(files)]
+        blobs = [await upload.read() for upload in files]
+
+        def sizes() -> list[tuple[str, int, int]]:
+            return [(name, *declared_size(data, name, max_image_pixels)) for name, data in zip(names, blobs)]
+
+        pixels = check_request(await run_in_threadpool(sizes), max_request_pixels)
+        return names, blobs, pixels
+
+    @contextlib.asynccontextmanager
+    async def admitted(pixels: int):
+        """Hold ``pixels`` of the in-flight budget for the block; afterwards, when the request was
+        large, hand the memory it freed back to the system. The block must not leave decoded
+        images referenced behind it (keep them inside a coroutine that returns only answers)."""
+        async with budget.hold(pixels):
+            yield
+        if pixels >= _TRIM_AFTER_PIXELS:
+            await run_in_threadpool(release_memory)
+
+    async def decode(names: list[str], blobs: list[bytes]) -> list[Any]:
+        images = []
+        for i, name in enumerate(names):
+            images.append(await run_in_threadpool(load_image_bytes, blobs[i], name, max_image_pixels))
+            blobs[i] = b""  # the upload's bytes are not needed once decoded
+        return images
 
     def class_or_422(name: str | None) -> str | None:
         if name is None or not name.strip():
@@ -286,6 +348,10 @@ def create_app(
             "max_batch": max_batch,
             "max_wait_ms": max_wait_ms,
             "max_upload_mb": max_upload_mb,
+            "max_image_pixels": max_image_pixels,
+            "max_request_pixels": max_request_pixels,
+            "max_inflight_pixels": max_inflight_pixels,
+            "pixel_budget": budget.stats(),
             "token_required": token is not None,
             "references": dict(app.state.shots),
             "batching": batcher.stats(),
@@ -299,12 +365,22 @@ def create_app(
     ) -> dict:
         cls = class_or_422(class_name)
         start = time.perf_counter()
-        names, images = await decode(files)
-        try:
-            results = await batcher.submit(images, cls)
-        except ClipadError as exc:
-            raise HTTPException(400, str(exc)) from exc
-        out = await run_in_threadpool(_encode_results, names, images, results, maps, threshold)
+        names, blobs, pixels = await read_uploads(files)
+
+        async def score() -> list[dict]:
+            # Decoded images and maps live only in this frame: gone when it returns, before
+            # the budget is released and memory is trimmed.
+            images = await decode(names, blobs)
+            try:
+                results = await batcher.submit(images, cls)
+            except QueueFull:
+                raise
+            except ClipadError as exc:
+                raise HTTPException(400, str(exc)) from exc
+            return await run_in_threadpool(_encode_results, names, images, results, maps, threshold)
+
+        async with admitted(pixels):
+            out = await score()
         return {"class_name": cls or DEFAULT_CLASS, "results": out,
                 "elapsed_ms": round((time.perf_counter() - start) * 1000.0, 3)}
 
@@ -322,17 +398,23 @@ def create_app(
             raise HTTPException(422, "class name is empty")
         if not detector.few_shot:
             raise HTTPException(409, f"method '{detector.name}' has no few-shot mode; it takes no reference images")
-        _, images = await decode(files)
-        try:
-            await batcher.run_exclusive(detector.set_reference, images, class_name=cls)
-        except ClipadError as exc:
-            raise HTTPException(400, str(exc)) from exc
-        persisted = False
-        if refs_root is not None:
+        names, blobs, pixels = await read_uploads(files)
+
+        async def set_them() -> bool:
+            images = await decode(names, blobs)
+            try:
+                await batcher.run_exclusive(detector.set_reference, images, class_name=cls)
+            except ClipadError as exc:
+                raise HTTPException(400, str(exc)) from exc
+            if refs_root is None:
+                return False
             await run_in_threadpool(refstore.save, refs_root, cls, images)
-            persisted = True
-        app.state.shots[cls] = len(images)
-        return {"class_name": cls, "shots": len(images), "persisted": persisted}
+            return True
+
+        async with admitted(pixels):
+            persisted = await set_them()
+        app.state.shots[cls] = len(names)
+        return {"class_name": cls, "shots": len(names), "persisted": persisted}
 
     @app.delete("/v1/references/{class_name}")
     async def delete_references(class_name: str) -> dict:
@@ -391,7 +473,7 @@ def background_server(app, host: str = "127.0.0.1", port: int = 0, log_level: st
         deadline = time.monotonic() + 30.0
         while not server.started:
             if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start (see the log above)")
+                raise ClipadError("the server did not start within 30 s (see the log above for why)")
             time.sleep(0.02)
         bound_host, bound_port = sock.getsockname()[:2]
         yield f"http://{bound_host if ':' not in bound_host else f'[{bound_host}]'}:{bound_port}"

@@ -19,16 +19,25 @@ import asyncio
 import collections
 import concurrent.futures
 import functools
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Batcher", "QueueFull", "predict_groups"]
+from ..errors import ClipadError, InvalidValueError, NotReadyError
+
+__all__ = ["MAX_CALL_PIXELS", "Batcher", "QueueFull", "predict_groups"]
+
+#: Most image pixels in one ``detector.predict`` call. A call holds its images as float32
+#: tensors plus a stacked copy (~24 B/px) and its maps at image size: 16 MP is ~0.5 GB, and
+#: 16 images of 1 MP (a full batch of MVTec-sized images) still go in one call. An image larger
+#: than this is scored alone.
+MAX_CALL_PIXELS = 16_000_000
 
 
-class QueueFull(Exception):
+class QueueFull(ClipadError):
     """More images are waiting than ``max_queue``: the client should retry later (503)."""
 
 
@@ -39,24 +48,55 @@ class _Item:
     future: asyncio.Future
 
 
-def predict_groups(detector, max_batch: int, items: Sequence[tuple[Any, str | None]]) -> list[tuple[float, np.ndarray] | BaseException]:
-    """Score ``(image, class_name)`` pairs, one ``detector.predict`` call per class name.
+def _pixels(image: Any) -> int:
+    """``width * height`` of a PIL image or a ``[..., H, W]`` tensor/array."""
+    if hasattr(image, "width") and hasattr(image, "height"):
+        return int(image.width) * int(image.height)
+    shape = image.shape
+    return int(shape[-2]) * int(shape[-1])
+
+
+def _calls(idx: list[int], pixels: list[int], max_call_pixels: int) -> list[list[int]]:
+    """Split ``idx`` into consecutive runs of at most ``max_call_pixels`` (an image above it alone)."""
+    calls: list[list[int]] = []
+    current: list[int] = []
+    held = 0
+    for i in idx:
+        if current and held + pixels[i] > max_call_pixels:
+            calls.append(current)
+            current, held = [], 0
+        current.append(i)
+        held += pixels[i]
+    if current:
+        calls.append(current)
+    return calls
+
+
+def predict_groups(
+    detector, max_batch: int, items: Sequence[tuple[Any, str | None]], max_call_pixels: int = MAX_CALL_PIXELS,
+) -> list[tuple[float, np.ndarray] | BaseException]:
+    """Score ``(image, class_name)`` pairs: one ``detector.predict`` call per class name, split
+    further so that no call holds more than ``max_call_pixels`` image pixels.
 
     Returns, in input order, ``(score, map [H, W] float32)`` per image, or the exception that
-    the call for its class raised (so one bad class does not fail the others).
+    the call for its images raised (so one bad class does not fail the others).
     """
     out: list[Any] = [None] * len(items)
     groups: dict[str | None, list[int]] = {}
     for i, (_, cls) in enumerate(items):
         groups.setdefault(cls, []).append(i)
+    pixels = [_pixels(image) for image, _ in items]
     for cls, idx in groups.items():
-        try:
-            pred = detector.predict([items[i][0] for i in idx], class_name=cls, batch_size=max_batch)
-            for k, i in enumerate(idx):
-                out[i] = (float(pred.image_scores[k]), pred.anomaly_maps[k].numpy())
-        except Exception as exc:  # noqa: BLE001 - handed to the waiting request, the server goes on
-            for i in idx:
-                out[i] = exc
+        for call in _calls(idx, pixels, max_call_pixels):
+            try:
+                pred = detector.predict([items[i][0] for i in call], class_name=cls, batch_size=max_batch)
+                for k, i in enumerate(call):
+                    out[i] = (float(pred.image_scores[k]), pred.anomaly_maps[k].numpy())
+            except Exception as exc:  # noqa: BLE001 - handed to the waiting request, the server goes on
+                for i in call:
+                    out[i] = exc
+            finally:
+                pred = None  # the previous call's maps are in `out`; no second reference to them
     return out
 
 
@@ -82,9 +122,9 @@ class Batcher:
         max_queue: int = 1024,
     ) -> None:
         if max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+            raise InvalidValueError(f"max_batch must be at least 1, got {max_batch}")
         if max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+            raise InvalidValueError(f"max_wait_ms must be >= 0 (0: no waiting for a fuller batch), got {max_wait_ms}")
         self.run_batch = run_batch
         self.max_batch = int(max_batch)
         self.max_wait = float(max_wait_ms) / 1000.0
@@ -129,7 +169,8 @@ class Batcher:
             Exception: whatever the model call raised for these images.
         """
         if self._queue is None:
-            raise RuntimeError("Batcher.start() was not awaited (the app's lifespan did not run)")
+            raise NotReadyError("Batcher.start() was not awaited (the app's lifespan did not run); "
+                                "await batcher.start() first, or serve the app with lifespan='on'")
         if self._queue.qsize() + len(images) > self.max_queue:
             raise QueueFull(f"{self._queue.qsize()} images are waiting (limit {self.max_queue}); retry later")
         loop = asyncio.get_running_loop()
@@ -180,18 +221,32 @@ class Batcher:
                 except asyncio.TimeoutError:
                     break
             batch = [item for item in batch if not item.future.done()]
-            if not batch:
+            if batch:
+                await self._run(batch)
+            # Nothing of a finished batch stays referenced here while the collector waits for
+            # the next one (it used to: the last batch's images and maps lived until then).
+            del batch
+
+    async def _run(self, batch: list[_Item]) -> None:
+        """Score one batch on the model thread and settle its futures."""
+        self.batch_sizes[len(batch)] += 1
+        pairs = [(item.image, item.class_name) for item in batch]
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self._executor, self.run_batch, pairs)
+        except Exception as exc:  # noqa: BLE001 - the batch fails, the collector lives on
+            results = [exc] * len(batch)
+        del pairs
+        for result in results:
+            if isinstance(result, BaseException):
+                # The finished frames an exception passed through (the model call and below)
+                # would keep that batch's images and tensors alive as long as the exception
+                # lives, in a reference cycle only the garbage collector breaks; the traceback
+                # keeps its file names and lines for the error log.
+                traceback.clear_frames(result.__traceback__)
+        for item, result in zip(batch, results):
+            if item.future.done():
                 continue
-            self.batch_sizes[len(batch)] += 1
-            pairs = [(item.image, item.class_name) for item in batch]
-            try:
-                results = await loop.run_in_executor(self._executor, self.run_batch, pairs)
-            except Exception as exc:  # noqa: BLE001 - the batch fails, the collector lives on
-                results = [exc] * len(batch)
-            for item, result in zip(batch, results):
-                if item.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    item.future.set_exception(result)
-                else:
-                    item.future.set_result(result)
+            if isinstance(result, BaseException):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..errors import ClipadError, ImageReadError
+from ..errors import ClipadError, ClipadWarning, ImageReadError
 from ..data.images import load_image
 
 __all__ = ["MAX_CLASS_NAME", "check_class_name", "class_dirname", "delete", "load_all", "save"]
@@ -110,7 +110,7 @@ def load_all(root: Path) -> dict[str, list[Image.Image]]:
             if not images:
                 raise ClipadError("it holds no images")
         except (OSError, ValueError, KeyError, TypeError, ClipadError, ImageReadError) as exc:
-            warnings.warn(f"references directory '{entry}' skipped: {exc}", stacklevel=2)
+            warnings.warn(f"references directory '{entry}' skipped: {exc}", ClipadWarning, stacklevel=2)
             continue
         found[name] = images
     return found

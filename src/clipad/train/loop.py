@@ -1,21 +1,14 @@
 """``clipad train``: the training loop shared by the learned methods, with resumable checkpoints.
 
-What a method provides (AnomalyCLIP does; AdaptCLIP and TokenCLIP plug in the same way):
-
-- ``training_defaults``: class attribute ``{"epochs", "batch_size", "lr", "betas", "seed"}``, the
-  official recipe;
-- ``trainable_parameters() -> list[Parameter]`` (or ``param_groups(lr) -> list[dict]`` when
-  parts train at different rates);
-- ``training_loss(images, masks, labels, *, class_names) -> (loss, parts)``: ``images`` [B, 3, S, S]
-  CLIP-normalised at the detector's ``image_size``, ``masks`` [B, S, S] float {0, 1}, ``labels``
-  [B] long; ``parts`` maps names to detached scalars for the logs;
-- optionally ``min_train_batch``: class attribute; smaller batches (a final batch of one) are skipped
-- optionally ``training_references``: class attribute, k > 0 normal reference images per query
-  (AdaptCLIP's prompt-query adapter; see :class:`ReferenceSampler`); ``training_loss`` then also
-  receives ``references`` [B, k, 3, S, S] (CLIP-normalised);
-- ``reset_parameters(seed)``: fresh initialisation of the learned tensors (a run that does not
-  start from a checkpoint calls it with the training seed);
-- ``learned_state()`` / ``load_learned_state()`` (every :class:`~clipad.methods.base.Detector`).
+What a method provides is the contract of :class:`~clipad.methods.base.LearnedDetector`
+(AnomalyCLIP, AdaptCLIP and TokenCLIP subclass it): ``training_defaults`` (the official recipe),
+``trainable_parameters()`` / ``param_groups(lr)``, ``training_loss(images, masks, labels, *,
+class_names, references)`` (``images`` [B, 3, S, S] CLIP-normalised at ``image_size``, ``masks``
+[B, S, S] float {0, 1}, ``labels`` [B] long), ``min_train_batch`` (smaller batches are skipped),
+``training_references`` (k > 0 normal reference images per query, drawn by
+:class:`ReferenceSampler`, passed as ``references`` [B, k, 3, S, S]), ``reset_parameters(seed)``
+(a run that does not start from a checkpoint calls it with the training seed) and
+``learned_state()`` / ``load_learned_state()``.
 
 Protocol (the official AnomalyCLIP / AdaptCLIP scripts): train on the *test* split of an
 auxiliary dataset with its masks (MVTec AD test -> evaluate on VisA; VisA test -> MVTec AD);
@@ -44,6 +37,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,8 +46,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..convert import read_learned_weights
-from ..errors import ClipadError
+from ..checkpoint import read_learned_weights
+from ..methods.base import LearnedDetector
+from ..methods.registry import learned_methods
+from ..errors import ClipadError, ClipadWarning, SkippedInputWarning
 from .sampling import ReferenceSampler, epoch_orders, official_image_transform, official_mask
 from .state import CHECKPOINT_DIR, check_resumable, epoch_paths, last_checkpoint, load_optimizer, save_optimizer
 
@@ -73,8 +69,8 @@ class TrainConfig:
     max_steps: int | None = None  # stop early (smoke runs); None = all epochs
 
     @classmethod
-    def for_method(cls, det, **overrides: Any) -> TrainConfig:
-        defaults = dict(getattr(det, "training_defaults", {}) or {})
+    def for_method(cls, det: LearnedDetector, **overrides: Any) -> TrainConfig:
+        defaults = dict(det.training_defaults)
         values = {**asdict(cls()), **defaults, **{k: v for k, v in overrides.items() if v is not None}}
         values["betas"] = tuple(values["betas"])
         return cls(**values)
@@ -96,12 +92,9 @@ class TrainResult:
 # --------------------------------------------------------------------------- optimisation
 
 
-def make_optimizer(det, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam over the method's trainable tensors (official: lr 1e-3, betas (0.5, 0.999))."""
-    if hasattr(det, "param_groups"):
-        groups = det.param_groups(config.lr)
-    else:
-        groups = [{"params": list(det.trainable_parameters())}]
+def make_optimizer(det: LearnedDetector, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam over the method's parameter groups (official: lr 1e-3, betas (0.5, 0.999))."""
+    groups = det.param_groups(config.lr)
     if not any(len(g["params"]) for g in groups):
         raise ClipadError(f"method '{det.name}' has no trainable parameters")
     return torch.optim.Adam(groups, lr=config.lr, betas=tuple(config.betas))
@@ -140,7 +133,7 @@ def _run_description(det, config: TrainConfig, dataset_info: dict[str, Any]) -> 
 
 
 def fit(
-    det,
+    det: LearnedDetector,
     samples: Sequence,
     out: str | Path,
     config: TrainConfig,
@@ -166,6 +159,9 @@ def fit(
 
     from ..data import make_loader
 
+    if not isinstance(det, LearnedDetector):
+        raise ClipadError(f"method '{det.name}' has nothing to train (no learned tensors); "
+                          f"learned methods: {', '.join(learned_methods())}")
     out = Path(out)
     (out / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
     if not samples:
@@ -182,8 +178,8 @@ def fit(
         det.load_learned_state({k: v.to(det.device) for k, v in learned.items()})
     else:
         if fresh is None:
-            fresh = not (det.options or {}).get("checkpoint")
-        if fresh and hasattr(det, "reset_parameters"):
+            fresh = det.opts.checkpoint is None
+        if fresh:
             det.reset_parameters(config.seed)
     optimizer = make_optimizer(det, config)
     if resumed:
@@ -197,8 +193,8 @@ def fit(
     if config.max_steps is not None:
         total = min(total, config.max_steps)
     transform = official_image_transform(det.image_size)
-    shots = int(getattr(det, "training_references", 0) or 0)
-    min_batch = int(getattr(det, "min_train_batch", 1))
+    shots = det.training_references
+    min_batch = det.min_train_batch
     sampler = ReferenceSampler(reference_pool or [], samples, shots, det.image_size, config.seed) if shots else None
     orders = epoch_orders(len(samples), config.seed)
     for _ in range(start_epoch):
@@ -219,13 +215,14 @@ def fit(
             for index, batch in enumerate(loader):
                 for fail in batch.failures:
                     failures.append(str(fail))
-                    bar.write(f"clipad: {fail}", file=sys.stderr)
+                    warnings.warn(str(fail), SkippedInputWarning, stacklevel=2)
                 if not len(batch):
                     continue
                 if len(batch) < min_batch:
                     # BatchNorm in training mode needs two samples; the official loop crashes here
-                    bar.write(f"clipad: a batch of {len(batch)} image(s) is skipped: '{det.name}' trains "
-                              f"BatchNorm layers, which need at least {min_batch} per batch", file=sys.stderr)
+                    warnings.warn(f"a batch of {len(batch)} image(s) is skipped: '{det.name}' trains BatchNorm "
+                                  f"layers, which need at least {min_batch} per batch (a batch size that leaves no "
+                                  "smaller last batch avoids this)", ClipadWarning, stacklevel=2)
                     continue
                 images = det.backbone.normalize(batch.images.to(det.device))
                 masks = torch.stack([official_mask(m, det.image_size) for m in batch.masks]).to(det.device)

@@ -1,40 +1,17 @@
 """What the training loop reads, as the official scripts read it: PIL-bicubic images, PIL-bilinear
-masks binarised at 0.5, a new seeded order each epoch, and k normal references per query."""
+masks binarised at 0.5 (:mod:`clipad.data.official`, shared with ``clipad eval --resize pil``), a new
+seeded order each epoch, and k normal references per query."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
+from ..data.official import official_image_transform, official_mask
 from ..errors import ClipadError
 
-
-def official_image_transform(size: int) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image -> [3, size, size] float in [0, 1]: PIL bicubic resize, as the official
-    ``Resize((S, S), BICUBIC)`` + ``ToTensor`` (CLIP normalisation is the detector's)."""
-
-    def transform(image: Image.Image) -> torch.Tensor:
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.BICUBIC)
-        arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
-
-    return transform
-
-
-def official_mask(mask: torch.Tensor | None, size: int) -> torch.Tensor:
-    """bool [H, W] mask (or None) -> float [size, size] in {0, 1}: a 0/255 image resized with PIL
-    bilinear, then ``> 0.5`` of the range, as the official ``Resize`` + ``ToTensor`` + threshold.
-    None (an anomalous image without a mask) gives an all-normal mask, as the official loader."""
-    if mask is None or not bool(mask.any()):
-        return torch.zeros(size, size)
-    img = Image.fromarray(mask.numpy().astype(np.uint8) * 255, mode="L")
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(img) > 127).float()
+__all__ = ["ReferenceSampler", "epoch_orders", "official_image_transform", "official_mask"]
 
 
 def epoch_orders(n: int, seed: int) -> Iterator[torch.Tensor]:

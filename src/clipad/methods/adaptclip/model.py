@@ -56,15 +56,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...backbones.clip import Backbone
-from ...backbones.dualpath import encode_image_dualpath
+from ...backbones.dualpath import encode_image_dualpath, first_block_of_dpam_layer
 from ...errors import ClipadError
 from ...components.losses import image_cross_entropy, segmentation_loss
 from ...components.prompt_learning import LearnablePrompts
 from ...components.smoothing import gaussian_blur
 from ...components.prompts import WINCLIP_ANOMALOUS_STATES, WINCLIP_NORMAL_STATES, WINCLIP_TEMPLATES, state_embeddings
-from ..base import Detector
+from ..base import LearnedDetector
 from ..registry import register_method
-from ...components.scoring import default_image_size
+from .convert import convert_official
+from .options import AdaptCLIPOptions
+from ...components.scoring import cosine_logits, default_image_size, harmonic_mean, patch_probability_maps, token_maps
 
 PROMPT_TEXTS = ("{}.", "{}.")  # normal, abnormal: context vectors only, no template
 STATIC_CLASS = "object"  # the official static text never names the class
@@ -72,28 +74,6 @@ SCHEDULES = ("released", "alternate")
 
 
 # --------------------------------------------------------------------------- pure functions
-
-
-def cosine_logits(features: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
-    """[..., D] features, [2, D] (normal, abnormal) text -> [..., 2] ``cos / temperature``."""
-    f = F.normalize(features.float(), dim=-1)
-    return f @ F.normalize(text.float(), dim=-1).T / temperature
-
-
-def patch_probability_maps(
-    tokens: torch.Tensor, text: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], temperature: float
-) -> torch.Tensor:
-    """Patch tokens [B, N, D] (no CLS) -> [B, 2, H, W] softmax(cos / temperature) over
-    (normal, abnormal) on the patch grid, bilinear (align_corners=False) to ``size``."""
-    probs = cosine_logits(tokens, text, temperature).softmax(dim=-1)
-    probs = probs.transpose(1, 2).reshape(probs.shape[0], 2, *grid)
-    return F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
-
-
-def harmonic_mean(values: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Elementwise ``n / sum(1 / x)`` of n same-shaped tensors (a zero gives 0, as the official)."""
-    stacked = torch.stack(list(values))
-    return stacked.shape[0] / (1.0 / stacked).sum(dim=0)
 
 
 def nearest_reference(query: torch.Tensor, memory: torch.Tensor, chunk: int = 1 << 26) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,16 +103,6 @@ def nearest_reference(query: torch.Tensor, memory: torch.Tensor, chunk: int = 1 
         dists.append(dist)
         aligned.append(near)
     return torch.cat(dists), torch.cat(aligned)
-
-
-def dual_path_start(depth: int, dpam_layer: float | None) -> int:
-    """1-based first dual-path block for the official ``DPAM_layer`` given as a fraction of the
-    depth: the official code turns blocks -1 .. -(DPAM_layer - 1) into dual paths, so
-    ``DPAM_layer = 20`` of 24 starts at block 6 and ``10`` of 12 at block 4. None -> depth + 1."""
-    if dpam_layer is None:
-        return depth + 1
-    dual = max(0, min(depth, round(float(dpam_layer) * depth)) - 1)
-    return depth - dual + 1
 
 
 # --------------------------------------------------------------------------- adapter modules
@@ -217,7 +187,7 @@ class PromptQueryAdapter(nn.Module):
         for i, (q, mem) in enumerate(zip(query, memory)):
             b, n, d = q.shape
             dist, near = nearest_reference(q, mem)
-            align.append(F.interpolate(dist.reshape(b, 1, *grid), size=size, mode="bilinear", align_corners=False)[:, 0])
+            align.append(token_maps(dist[..., None], grid, size)[:, 0])
             joint = (q + (q - near).abs()) if self.context else (q - near).abs()
             joint = self.norms[i](joint.transpose(1, 2).reshape(b, d, *grid))
             seg = self.seg_head(joint).softmax(dim=1)
@@ -231,85 +201,42 @@ class PromptQueryAdapter(nn.Module):
 # --------------------------------------------------------------------------- the method
 
 
-@register_method("adaptclip")
-class AdaptCLIP(Detector):
+@register_method("adaptclip", converter=convert_official)
+class AdaptCLIP(LearnedDetector):
     """AdaptCLIP: zero-shot with the visual and textual adapters, k-shot with ``set_reference``.
-
-    Options:
-        image_size: model input size; default 518 (the nearest multiple of the patch size where
-            the patch does not divide 518, e.g. 512 on ``tiny`` and ViT-B-16+).
-        taps: V-V layers as fractions of the depth ((0.25, 0.5, 0.75, 1.0) = 6/12/18/24 of 24);
-            the textual and visual adapters use the last one, the PQ adapter all.
-        dpam_layer: the official ``DPAM_layer`` as a fraction of the depth (20/24: the last
-            round(f x depth) - 1 blocks are dual-path); None = no dual path (vanilla tokens).
-        n_ctx: context vectors per learned prompt (12).
-        va_reduction: hidden width divisor of the visual adapter's MLPs (4).
-        pq_mid_dim: first hidden width of the PQ heads (128).
-        pq_context: joint feature ``q + |q - aligned|`` (True, the scripts' ``--pq_context``) or
-            ``|q - aligned|``.
-        temperature: softmax temperature (0.07).
-        sigma: Gaussian smoothing of the map in pixels (4; 0 = none).
-        global_ln_post: apply ``ln_post`` to the global CLS token (False, official).
-        exact_taps: see the module docstring (False, official).
-        schedule: "released" (default, the official joint step) or "alternate" (visual and
-            textual adapters updated on alternate steps; clipad's extension).
-        checkpoint: a clipad ``.safetensors`` holding AdaptCLIP's learned weights (from
-            ``clipad convert --from adaptclip`` or ``clipad train``); None = random adapters.
-    """
+    Options: :class:`.AdaptCLIPOptions`."""
 
     default_backbone = "ViT-L-14-336"
     default_pretrained = "openai"
     few_shot = True
+    Options = AdaptCLIPOptions
+    opts: AdaptCLIPOptions
     # the official train.py: Adam(lr 1e-3, betas (0.5, 0.999)), 15 epochs, batch 8, seed 10
     training_defaults: ClassVar[dict[str, Any]] = {"epochs": 15, "batch_size": 8, "lr": 1e-3, "betas": (0.5, 0.999), "seed": 10}
     # normal reference images per training query (the official train.py draws one)
     training_references: ClassVar[int] = 1
     min_train_batch: ClassVar[int] = 2  # BatchNorm1d of the image head needs two samples when training
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        *,
-        image_size: int | None = None,
-        precision: str = "auto",
-        taps: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
-        dpam_layer: float | None = 20 / 24,
-        n_ctx: int = 12,
-        va_reduction: int = 4,
-        pq_mid_dim: int = 128,
-        pq_context: bool = True,
-        temperature: float = 0.07,
-        sigma: float = 4.0,
-        global_ln_post: bool = False,
-        exact_taps: bool = False,
-        schedule: str = "released",
-        checkpoint: str | None = None,
-    ) -> None:
-        size = default_image_size(backbone.patch_size[0]) if image_size is None else int(image_size)
-        super().__init__(backbone, image_size=size, precision=precision)
-        if dpam_layer is not None and not 0.0 < float(dpam_layer) <= 1.0:
-            raise ClipadError(f"dpam_layer must be a fraction of the depth in (0, 1] or None; got {dpam_layer}")
-        if temperature <= 0:
-            raise ClipadError(f"temperature must be > 0; got {temperature}")
-        if schedule not in SCHEDULES:
-            raise ClipadError(f"schedule must be one of {', '.join(SCHEDULES)}; got '{schedule}'")
-        self.tap_layers = backbone.tap_layers(taps)
-        self.first_vv_block = dual_path_start(backbone.depth, dpam_layer)
-        self.temperature = float(temperature)
-        self.sigma = float(sigma)
-        self.global_ln_post = bool(global_ln_post)
-        self.exact_taps = bool(exact_taps)
-        self.schedule = schedule
+    def __init__(self, backbone: Backbone, options: AdaptCLIPOptions | None = None, **kwargs: Any) -> None:
+        super().__init__(backbone, options, **kwargs)
+        o = self.opts
+        self.tap_layers = backbone.tap_layers(o.taps)
+        self.first_vv_block = first_block_of_dpam_layer(backbone.depth, o.dpam_layer)
+        self.temperature = o.temperature
+        self.sigma = o.sigma
+        self.global_ln_post = o.global_ln_post
+        self.exact_taps = o.exact_taps
+        self.schedule = o.schedule
         self._steps = 0  # training steps taken, for schedule="alternate"
         dim = backbone.embed_dim
-        self.prompts = LearnablePrompts(backbone, PROMPT_TEXTS, n_ctx)
-        self.visual_adapter = TokenAdapter(dim, int(va_reduction))
-        self.pq_adapter = PromptQueryAdapter(dim, int(pq_mid_dim), len(self.tap_layers), context=pq_context)
+        self.prompts = LearnablePrompts(backbone, PROMPT_TEXTS, o.n_ctx)
+        self.visual_adapter = TokenAdapter(dim, o.va_reduction)
+        self.pq_adapter = PromptQueryAdapter(dim, o.pq_mid_dim, len(self.tap_layers), context=o.pq_context)
         self.reset_parameters(0)
-        if checkpoint is not None:
-            from ...convert import read_learned_weights
 
-            self.load_learned_state(read_learned_weights(checkpoint, self.name))
+    @classmethod
+    def default_input_size(cls, backbone: Backbone) -> int:
+        return default_image_size(backbone.patch_size[0])
 
     # -- learned state -------------------------------------------------------------------------
     def _learned_tensors(self) -> dict[str, torch.Tensor]:
@@ -438,8 +365,8 @@ class AdaptCLIP(Detector):
         masks: torch.Tensor,
         labels: torch.Tensor,
         *,
+        class_names: Sequence[str] | None = None,
         references: torch.Tensor | None = None,
-        **_: Any,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One batch's loss, as the official ``train.py`` with all three adapters.
 
@@ -495,79 +422,3 @@ class AdaptCLIP(Detector):
             logits, probs, _ = self.pq_adapter(query, memory, grid, size)
             add("pq", torch.stack([image_cross_entropy(lg, labels) for lg in logits]).sum(), probs)
         return total, parts
-
-
-# --------------------------------------------------------------------------- official checkpoints
-
-_OFFICIAL_LEARNERS = ("textual_learner", "visual_learner", "pq_learner")
-
-
-def convert_official(obj: Any):
-    """An official AdaptCLIP checkpoint (``{"textual_learner", "visual_learner", "pq_learner"}``
-    state dicts, as ``train.py`` saves them) -> :class:`clipad.convert.Converted`.
-
-    Mapping: ``ctx_pos`` / ``ctx_neg`` [1, 1, n_ctx, W] -> ``prompts.ctx`` [2, n_ctx, W];
-    ``{global_adapter,local_adater}.fc.{0,1,3}`` -> ``visual_adapter.{global,local}_mlp.{fc1,norm,fc2}``;
-    ``sharebn.<i>`` -> ``pq_adapter.norms.<i>``; ``local_adapter.0.<j>`` / ``global_adapter.0.<j>``
-    -> ``pq_adapter.seg_head.<j>`` / ``pq_adapter.image_head.<j>`` (entries 1.. of those lists are
-    the same module and must be equal). Dropped: the prompt buffers ``token_prefix_*``,
-    ``token_suffix_*``, ``tokenized_prompts_*`` (clipad recomputes them) and BatchNorm
-    ``num_batches_tracked``.
-    """
-    from ...convert import Converted
-
-    if not isinstance(obj, dict) or not all(k in obj for k in _OFFICIAL_LEARNERS):
-        found = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-        raise ClipadError(f"not an AdaptCLIP checkpoint: expected a dict with {list(_OFFICIAL_LEARNERS)}, found {found}")
-    tl, vl, pq = (obj[k] for k in _OFFICIAL_LEARNERS)
-    for key in ("ctx_pos", "ctx_neg"):
-        if key not in tl:
-            raise ClipadError(f"AdaptCLIP checkpoint has no '{key}' in its textual_learner (keys: {sorted(tl)[:8]})")
-    pos, neg = tl["ctx_pos"].float(), tl["ctx_neg"].float()
-    if pos.shape != neg.shape or pos.ndim != 4 or pos.shape[0] * pos.shape[1] != 1:
-        raise ClipadError(f"AdaptCLIP ctx_pos/ctx_neg must both be [1, 1, n_ctx, width]; got {tuple(pos.shape)} and {tuple(neg.shape)}")
-    n_ctx, width = pos.shape[-2:]
-    learned = {"prompts.ctx": torch.cat([pos.reshape(1, n_ctx, width), neg.reshape(1, n_ctx, width)])}
-    dropped = [f"textual_learner.{k}" for k in tl if k not in ("ctx_pos", "ctx_neg")]
-
-    def put(target: str, value: torch.Tensor, source: str) -> None:
-        if source.endswith("num_batches_tracked"):
-            dropped.append(source)
-        else:
-            learned[target] = value.float()
-
-    renames = {"0": "fc1", "1": "norm", "3": "fc2"}
-    for key, value in vl.items():
-        branch, _, index, *rest = key.split(".")  # e.g. global_adapter.fc.1.running_mean
-        mlp = {"global_adapter": "global_mlp", "local_adater": "local_mlp"}.get(branch)
-        if mlp is None or index not in renames:
-            raise ClipadError(f"unexpected key 'visual_learner.{key}' in the AdaptCLIP checkpoint")
-        put(f"visual_adapter.{mlp}.{renames[index]}.{'.'.join(rest)}", value, f"visual_learner.{key}")
-    for key, value in pq.items():
-        head, copy, *rest = key.split(".")
-        if head == "sharebn":
-            put(f"pq_adapter.norms.{copy}.{'.'.join(rest)}", value, f"pq_learner.{key}")
-        elif head in ("local_adapter", "global_adapter"):
-            first = pq[".".join([head, "0", *rest])]
-            if not torch.equal(first, value):
-                raise ClipadError(
-                    f"pq_learner.{key} differs from entry 0 of its list: the official heads are one shared module"
-                )
-            if copy == "0":
-                name = "seg_head" if head == "local_adapter" else "image_head"
-                put(f"pq_adapter.{name}.{'.'.join(rest)}", value, f"pq_learner.{key}")
-        else:
-            raise ClipadError(f"unexpected key 'pq_learner.{key}' in the AdaptCLIP checkpoint")
-    try:
-        hidden, dim = learned["visual_adapter.global_mlp.fc1.weight"].shape
-        mid = int(learned["pq_adapter.seg_head.0.weight"].shape[0])
-    except KeyError as exc:
-        raise ClipadError(f"AdaptCLIP checkpoint lacks {exc}") from None
-    layers = len({k.split(".")[2] for k in learned if k.startswith("pq_adapter.norms.")})
-    options: dict[str, Any] = {"n_ctx": int(n_ctx), "va_reduction": int(dim // hidden), "pq_mid_dim": mid}
-    if layers != 4:
-        options["taps"] = tuple((i + 1) / layers for i in range(layers))
-    notes = sorted({k for k in dropped if not k.endswith("num_batches_tracked")})
-    if any(k.endswith("num_batches_tracked") for k in dropped):
-        notes.append("*.num_batches_tracked")
-    return Converted("adaptclip", {k: v.contiguous() for k, v in learned.items()}, options, notes, default_image_size(14))

@@ -48,10 +48,11 @@ from torch import nn
 from ...backbones.clip import Backbone
 from ...backbones.dualpath import encode_image_dualpath, first_block_of_last
 from ...errors import ClipadError
-from ...backbones.precision import float32_head
-from .prompts import DOMAIN_PHRASES, DOMAINS, encode_prompt_set, prompt_class_name, resolve_domain
+from ...components.scoring import cosine_logits, state_probabilities
+from .prompts import DOMAIN_PHRASES, encode_prompt_set, prompt_class_name, resolve_domain
 from ..base import Detector
 from ..registry import register_method
+from .options import AnoCLIPOptions
 
 ADAPTERS = ("text", "linear")
 N_VIEWS = 22
@@ -94,17 +95,6 @@ def augmented_views(x: torch.Tensor) -> torch.Tensor:
     grey = (x[:, 0] * wr + x[:, 1] * wg + x[:, 2] * wb).unsqueeze(1).expand(b, 3, h, w)
     rest = [x.flip(-1), grey] + [torch.rot90(x, k, dims=(-2, -1)) for k in (1, 2, 3)]
     return torch.cat([warped.reshape(b, len(mats), c, h, w), torch.stack(rest, dim=1)], dim=1)
-
-
-@float32_head
-def abnormal_probability(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """[..., D] features, [2, D] unit (normal, abnormal) text -> [...] abnormal probability.
-
-    Softmax over raw cosines: AnoCLIP uses no temperature.
-    """
-    f = features.float()
-    sim = (f / f.norm(dim=-1, keepdim=True)) @ text.float().T
-    return sim.softmax(dim=-1)[..., 1]
 
 
 def smooth_and_upsample(prob: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -208,96 +198,34 @@ def consume_surgery_draws(generator: torch.Generator, width: int, blocks: int = 
 
 @register_method("anoclip")
 class AnoCLIP(Detector):
-    """AnoCLIP zero-shot; AnoCLIP+ with ``tta=True``.
-
-    Options:
-        image_size: model input (and tile) size (240).
-        dual_path_blocks: number of last blocks run as V-V dual path (12, clipped to depth; 0 = none).
-        domain: prompt domain: ``auto`` (texture for carpet/leather/grid/tile/wood, else object),
-            ``object``, ``texture``, or ``medical`` (clipad's extension).
-        domain_phrases: replace the domain's phrases (e.g. ``["x-ray image"]``); None = the domain's.
-        class_name_spaces: write ``_`` in class names as spaces (the official code keeps them).
-        augment_views: image score averaged over the 22 views (True, the official MVTec AD setting).
-        tile_non_square: non-square inputs as overlapping square tiles (True, the VisA setting);
-            False squashes them to a square as other methods do.
-        tta: test-time adaptation of the adapter (AnoCLIP+).
-        adapter: ``text`` (prompt-embedding adapter with tanh; official MVTec AD) or ``linear``
-            (official VisA).
-        tta_steps, tta_lr, tta_weight_decay: AdamW schedule (5, 1e-3, 0.01).
-        noise_std: Gaussian noise on un-normalised tokens (0.055).
-        entropy_weight, label_weight: loss weights (1.0, 0.5).
-        tta_seed: seed of the TTA random stream (adapter init and noise).
-        official_compat: reproduce the official order-dependent TTA (AdamW state kept per class,
-            one random stream across images); see the module docstring.
-        view_chunk: images per tower call for the 22 views; bounds memory, not results.
-    """
+    """AnoCLIP zero-shot; AnoCLIP+ with ``tta=True``. Options: :class:`.AnoCLIPOptions`."""
 
     default_backbone = "ViT-B-16-plus-240"
     default_pretrained = "laion400m_e32"
+    Options = AnoCLIPOptions
+    opts: AnoCLIPOptions
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        *,
-        image_size: int = 240,
-        precision: str = "auto",
-        dual_path_blocks: int = 12,
-        domain: str = "auto",
-        domain_phrases: Sequence[str] | None = None,
-        class_name_spaces: bool = False,
-        augment_views: bool = True,
-        tile_non_square: bool = True,
-        tta: bool = False,
-        adapter: str = "text",
-        tta_steps: int = 5,
-        tta_lr: float = 1e-3,
-        tta_weight_decay: float = 0.01,
-        noise_std: float = 0.055,
-        entropy_weight: float = 1.0,
-        label_weight: float = 0.5,
-        tta_seed: int = 0,
-        official_compat: bool = False,
-        view_chunk: int = 128,
-    ) -> None:
-        super().__init__(backbone, image_size=image_size, precision=precision)
-        if isinstance(dual_path_blocks, bool) or not isinstance(dual_path_blocks, int) or dual_path_blocks < 0:
-            raise ClipadError(f"dual_path_blocks must be an integer >= 0; got {dual_path_blocks!r}")
-        if domain not in DOMAINS:
-            raise ClipadError(f"domain must be one of {', '.join(DOMAINS)}; got '{domain}'")
-        if domain_phrases is not None:
-            valid = not isinstance(domain_phrases, str) and len(domain_phrases) > 0
-            if not valid or not all(isinstance(p, str) and p.strip() for p in domain_phrases):
-                raise ClipadError(
-                    f"domain_phrases must be a non-empty list of non-empty strings; got {domain_phrases!r}"
-                )
-            domain_phrases = tuple(domain_phrases)
-        if adapter not in ADAPTERS:
-            raise ClipadError(f"adapter must be one of {', '.join(ADAPTERS)}; got '{adapter}'")
-        if isinstance(tta_steps, bool) or not isinstance(tta_steps, int) or tta_steps < 0:
-            raise ClipadError(f"tta_steps must be an integer >= 0; got {tta_steps!r}")
-        for name, value in (("tta_lr", tta_lr), ("tta_weight_decay", tta_weight_decay), ("noise_std", noise_std)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-                raise ClipadError(f"{name} must be a number >= 0; got {value!r}")
-        if view_chunk < 1:
-            raise ClipadError(f"view_chunk must be >= 1; got {view_chunk}")
-        self.dual_path_blocks = dual_path_blocks
-        self.first_vv_block = first_block_of_last(backbone.depth, dual_path_blocks)
-        self.domain = domain
-        self.domain_phrases = domain_phrases
-        self.class_name_spaces = bool(class_name_spaces)
-        self.augment_views = bool(augment_views)
-        self.tile_non_square = bool(tile_non_square)
-        self.tta = bool(tta)
-        self.adapter = adapter
-        self.tta_steps = tta_steps
-        self.tta_lr = float(tta_lr)
-        self.tta_weight_decay = float(tta_weight_decay)
-        self.noise_std = float(noise_std)
-        self.entropy_weight = float(entropy_weight)
-        self.label_weight = float(label_weight)
-        self.tta_seed = int(tta_seed)
-        self.official_compat = bool(official_compat)
-        self.view_chunk = int(view_chunk)
+    def __init__(self, backbone: Backbone, options: AnoCLIPOptions | None = None, **kwargs) -> None:
+        super().__init__(backbone, options, **kwargs)
+        o = self.opts
+        self.dual_path_blocks = o.dual_path_blocks
+        self.first_vv_block = first_block_of_last(backbone.depth, o.dual_path_blocks)
+        self.domain = o.domain
+        self.domain_phrases = o.domain_phrases
+        self.class_name_spaces = o.class_name_spaces
+        self.augment_views = o.augment_views
+        self.tile_non_square = o.tile_non_square
+        self.tta = o.tta
+        self.adapter = o.adapter
+        self.tta_steps = o.tta_steps
+        self.tta_lr = o.tta_lr
+        self.tta_weight_decay = o.tta_weight_decay
+        self.noise_std = o.noise_std
+        self.entropy_weight = o.entropy_weight
+        self.label_weight = o.label_weight
+        self.tta_seed = o.tta_seed
+        self.official_compat = o.official_compat
+        self.view_chunk = o.view_chunk
         self.reset_tta_state()
 
     # -- compat-mode state ---------------------------------------------------------------------
@@ -342,7 +270,7 @@ class AnoCLIP(Detector):
         for i in range(0, tiles.shape[0], step):
             views = augmented_views(tiles[i : i + step]).flatten(0, 1)
             cls = self.backbone.encode_image(views).cls
-            total[i : i + step] += abnormal_probability(cls, text).view(-1, N_VIEWS - 1).sum(-1)
+            total[i : i + step] += state_probabilities(cls, text, normalize_text=False)[..., 1].view(-1, N_VIEWS - 1).sum(-1)
         return total / N_VIEWS
 
     def score_batch(self, x, class_name, reference):
@@ -356,7 +284,7 @@ class AnoCLIP(Detector):
         t = len(offsets)
         feats = encode_image_dualpath(self.backbone, tiles, self.first_vv_block)
         gh, gw = feats.grid
-        tile_scores = abnormal_probability(feats.cls, means)
+        tile_scores = state_probabilities(feats.cls, means, normalize_text=False)[..., 1]
         if self.augment_views:
             tile_scores = self._view_scores(tiles, tile_scores, means)
         image_scores = tile_scores.view(b, t).mean(dim=1)
@@ -365,7 +293,7 @@ class AnoCLIP(Detector):
         if self.tta:
             z = self._adapt(z.view(b, t * gh * gw, -1), means, rows, (gh, gw), offsets, axis, (h, w), class_name)
             z = z.reshape(b * t, gh * gw, -1)
-        prob = abnormal_probability(z, means).view(b * t, gh, gw)
+        prob = state_probabilities(z, means, normalize_text=False)[..., 1].view(b * t, gh, gw)
         maps = smooth_and_upsample(prob, (s, s)).view(b, t, 1, s, s)
         return image_scores, stitch_tiles(maps, offsets, axis, (h, w))[:, 0]
 
@@ -424,7 +352,7 @@ class AnoCLIP(Detector):
             # stream it would see alone
             noise = torch.normal(0.0, self.noise_std, (t, gh, gw, d), generator=gen).to(z.device)
             both = residual_adapter(torch.cat([z, z + noise.view(1, m, d)], dim=1), weight, bias, prompts)
-            logits = (both / both.norm(dim=-1, keepdim=True)) @ means.T  # [B, 2M, 2]
+            logits = cosine_logits(both, means, normalize_text=False)  # [B, 2M, 2]
             p_clean, p_noisy = self._tta_probabilities(logits, (gh, gw), offsets, axis, out_size)
             loss = tta_objective(p_clean, p_noisy, self.entropy_weight, self.label_weight).sum()
             opt.zero_grad()

@@ -37,109 +37,49 @@ import torch
 import torch.nn.functional as F
 
 from ...backbones.clip import Backbone
-from ...backbones.dualpath import encode_image_dualpath
-from ...errors import ClipadError
+from ...backbones.dualpath import encode_image_dualpath, first_block_at_fraction
 from ...components.losses import image_cross_entropy, segmentation_loss
-from ...components.prompt_learning import LearnablePrompts
+from ...components.prompt_learning import OBJECT_AGNOSTIC_PROMPTS, LearnablePrompts
 from ...components.smoothing import gaussian_blur
-from ..base import Detector
+from ..base import LearnedDetector
 from ..registry import register_method
-from ...components.scoring import default_image_size
-
-PROMPT_TEXTS = ("{} object.", "{} damaged object.")  # normal, abnormal; "object" for every class
-
-
-# --------------------------------------------------------------------------- pure functions
+from .convert import convert_official
+from .options import AnomalyCLIPOptions
+from ...components.scoring import anomaly_map, cosine_logits, default_image_size, patch_probability_maps, state_probabilities
 
 
-def state_probabilities(features: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
-    """[..., D] features, [2, D] unit (normal, abnormal) text -> [..., 2] softmax(cos / temperature)."""
-    f = F.normalize(features.float(), dim=-1)
-    return (f @ text.float().T / temperature).softmax(dim=-1)
-
-
-def patch_probability_maps(
-    tokens: torch.Tensor, text: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], temperature: float
-) -> torch.Tensor:
-    """Projected tokens [B, 1 + N, D] (CLS first) -> [B, 2, H, W] (normal, abnormal)
-    probabilities on the patch grid, upsampled bilinearly (align_corners=False) to ``size``."""
-    probs = state_probabilities(tokens[:, 1:], text, temperature)  # [B, N, 2]
-    b = probs.shape[0]
-    probs = probs.transpose(1, 2).reshape(b, 2, *grid)
-    return F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
-
-
-def anomaly_map(probs: torch.Tensor) -> torch.Tensor:
-    """[B, 2, H, W] (normal, abnormal) probabilities -> [B, H, W] ``(p_a + 1 - p_n) / 2``."""
-    return (probs[:, 1] + 1.0 - probs[:, 0]) / 2.0
-
-
-@register_method("anomalyclip")
-class AnomalyCLIP(Detector):
-    """AnomalyCLIP, zero-shot with learned object-agnostic prompts.
-
-    Options:
-        image_size: model input size; default 518 (the nearest multiple of the patch size on
-            backbones whose patch does not divide 518, e.g. 512 on ``tiny``).
-        n_ctx: context vectors per prompt (12).
-        deep_depth, deep_length: deep text prompts in text layers 2..deep_depth, deep_length
-            vectors each (9, 4); ``deep_depth=0`` disables them.
-        taps: V-V layers of the map as fractions of the depth ((1.0,) = block 24 of 24; see
-            the module docstring for the 6/12/18/24 variant).
-        dpam_start: first dual-path block as a fraction of the depth (0.25 = block 6 of 24, the
-            official ``DPAM_layer=20``); None = no dual path (vanilla tokens).
-        temperature: softmax temperature (0.07).
-        sigma: Gaussian smoothing of the map in pixels (4; 0 = none).
-        local_loss_weight: weight of the map losses in training (4, the official ``lam``).
-        global_ln_post: apply ``ln_post`` to the global CLS token (False, official).
-        deep_fp16: round deep prompts to float16 as the official code does (True).
-        checkpoint: a clipad ``.safetensors`` holding AnomalyCLIP's learned prompts (from
-            ``clipad convert --from anomalyclip`` or ``clipad train``); None = random prompts.
-    """
+@register_method("anomalyclip", converter=convert_official)
+class AnomalyCLIP(LearnedDetector):
+    """AnomalyCLIP, zero-shot with learned object-agnostic prompts. Options: :class:`.AnomalyCLIPOptions`."""
 
     default_backbone = "ViT-L-14-336"
     default_pretrained = "openai"
     few_shot = False
+    Options = AnomalyCLIPOptions
+    opts: AnomalyCLIPOptions
     # the official train.py: Adam(lr 1e-3, betas (0.5, 0.999)), 15 epochs, batch 8, seed 111
     training_defaults: ClassVar[dict[str, Any]] = {"epochs": 15, "batch_size": 8, "lr": 1e-3, "betas": (0.5, 0.999), "seed": 111}
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        *,
-        image_size: int | None = None,
-        precision: str = "auto",
-        n_ctx: int = 12,
-        deep_depth: int = 9,
-        deep_length: int = 4,
-        taps: Sequence[float] = (1.0,),
-        dpam_start: float | None = 0.25,
-        temperature: float = 0.07,
-        sigma: float = 4.0,
-        local_loss_weight: float = 4.0,
-        global_ln_post: bool = False,
-        deep_fp16: bool = True,
-        checkpoint: str | None = None,
-    ) -> None:
-        size = default_image_size(backbone.patch_size[0]) if image_size is None else int(image_size)
-        super().__init__(backbone, image_size=size, precision=precision)
-        if dpam_start is not None and not 0.0 < float(dpam_start) <= 1.0:
-            raise ClipadError(f"dpam_start must be a fraction of the depth in (0, 1] or None; got {dpam_start}")
-        if temperature <= 0:
-            raise ClipadError(f"temperature must be > 0; got {temperature}")
-        self.tap_layers = backbone.tap_layers(taps)
-        self.first_vv_block = backbone.depth + 1 if dpam_start is None else backbone.layer_index(float(dpam_start))
-        self.temperature = float(temperature)
-        self.sigma = float(sigma)
-        self.local_loss_weight = float(local_loss_weight)
-        self.global_ln_post = bool(global_ln_post)
+    def __init__(self, backbone: Backbone, options: AnomalyCLIPOptions | None = None, **kwargs: Any) -> None:
+        super().__init__(backbone, options, **kwargs)
+        o = self.opts
+        self.tap_layers = backbone.tap_layers(o.taps)
+        self.first_vv_block = first_block_at_fraction(backbone.depth, o.dpam_start)
+        self.temperature = o.temperature
+        self.sigma = o.sigma
+        self.local_loss_weight = o.local_loss_weight
+        self.global_ln_post = o.global_ln_post
         self.prompts = LearnablePrompts(
-            backbone, PROMPT_TEXTS, n_ctx, deep_depth=deep_depth, deep_length=deep_length, deep_fp16=deep_fp16
+            backbone, self.prompt_texts(), o.n_ctx, deep_depth=o.deep_depth, deep_length=o.deep_length, deep_fp16=o.deep_fp16
         )
-        if checkpoint is not None:
-            from ...convert import read_learned_weights
 
-            self.load_learned_state(read_learned_weights(checkpoint, self.name))
+    @classmethod
+    def default_input_size(cls, backbone: Backbone) -> int:
+        return default_image_size(backbone.patch_size[0])
+
+    def prompt_texts(self) -> tuple[str, ...]:
+        """The learned prompts' templates, (normal, abnormal)."""
+        return tuple(OBJECT_AGNOSTIC_PROMPTS)
 
     # -- learned state -------------------------------------------------------------------------
     def learned_state(self) -> dict[str, torch.Tensor]:
@@ -172,9 +112,16 @@ class AnomalyCLIP(Detector):
         return [p for p in self.prompts.parameters()]
 
     def training_loss(
-        self, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, **_: Any
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        class_names: Sequence[str] | None = None,
+        references: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One batch's loss, as the official ``train.py``.
+        """One batch's loss, as the official ``train.py`` (object-agnostic: ``class_names`` and
+        ``references`` are not used).
 
         Args:
             images: [B, 3, S, S] CLIP-normalised images at ``image_size``.
@@ -188,13 +135,13 @@ class AnomalyCLIP(Detector):
         text = F.normalize(self.prompts(self.backbone).float(), dim=-1)
         with torch.no_grad():
             glob, taps, grid = self.encode_image(images)
-        logits = F.normalize(glob.float(), dim=-1) @ text.T / self.temperature
+        logits = cosine_logits(glob, text, self.temperature, normalize_text=False)
         image_loss = image_cross_entropy(logits, labels.to(logits.device))
         masks = masks.to(logits.device, torch.float32)
         local = torch.zeros((), device=logits.device)
         parts = {"focal": 0.0, "dice_abnormal": 0.0, "dice_normal": 0.0}
         for tokens in taps:
-            probs = patch_probability_maps(tokens, text, grid, self.model_size, self.temperature)
+            probs = patch_probability_maps(tokens[:, 1:], text, grid, self.model_size, self.temperature, normalize_text=False)
             focal, dice_a, dice_n = segmentation_loss(probs, masks)
             local = local + focal
             local = local + dice_a
@@ -234,10 +181,11 @@ class AnomalyCLIP(Detector):
         text = self.text_features()
         glob, taps, grid = self.encode_image(x)
         with torch.autocast(self.device.type, enabled=False):
-            scores = state_probabilities(glob, text, self.temperature)[:, 1]
-            maps = torch.stack(
-                [anomaly_map(patch_probability_maps(t, text, grid, self.model_size, self.temperature)) for t in taps]
-            ).sum(dim=0)
+            scores = state_probabilities(glob, text, self.temperature, normalize_text=False)[:, 1]
+            maps = torch.stack([
+                anomaly_map(patch_probability_maps(t[:, 1:], text, grid, self.model_size, self.temperature, normalize_text=False))
+                for t in taps
+            ]).sum(dim=0)
             maps = gaussian_blur(maps, self.sigma)
         return scores, maps
 

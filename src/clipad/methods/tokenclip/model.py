@@ -48,12 +48,14 @@ import torch.nn.functional as F
 
 from . import ot
 from ...backbones.clip import Backbone
-from ...errors import ClipadError, UnknownNameError
+from ...errors import ClipadError
 from ...components.losses import segmentation_loss
-from ...components.prompt_learning import LearnablePrompts
+from ...components.prompt_learning import OBJECT_AGNOSTIC_PROMPTS
+from ...components.scoring import anomaly_map, token_maps
 from ...components.smoothing import gaussian_blur
-from ..anomalyclip.model import PROMPT_TEXTS, AnomalyCLIP, anomaly_map
+from ..anomalyclip.model import AnomalyCLIP
 from ..registry import register_method
+from .options import TokenCLIPOptions
 
 ORTHOGONALITY = ("construction", "penalty", "none")
 ASSIGNMENTS = ("ot", "softmax")
@@ -141,111 +143,38 @@ def mix_probabilities(assign: torch.Tensor, cos: torch.Tensor, temperature: floa
     return (assign.unsqueeze(-1) * probs).sum(dim=-2)
 
 
-def probability_maps(probs: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
-    """[B, N, 2] token probabilities -> [B, 2, H, W] on the patch grid upsampled bilinearly
-    (align_corners=False) to ``size``, as AnomalyCLIP."""
-    b = probs.shape[0]
-    maps = probs.transpose(1, 2).reshape(b, 2, *grid)
-    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-
-
-def _choice(name: str, value: str, valid: Sequence[str]) -> str:
-    if value not in valid:
-        raise UnknownNameError(f"{name}={value!r} is not one of {', '.join(valid)}")
-    return value
-
-
 @register_method("tokenclip")
 class TokenCLIP(AnomalyCLIP):
     """TokenCLIP: K orthogonal learnable textual subspaces, OT token assignment, top-k masking.
+    Options: :class:`.TokenCLIPOptions` (AnomalyCLIP's plus TokenCLIP's own)."""
 
-    Options (AnomalyCLIP's options keep their meaning and defaults):
-        n_subspaces: K learnable (normal, abnormal) prompt pairs (4).
-        topk: subspaces kept per token after assignment (2; >= K keeps the dense plan).
-        assignment: "ot" (Sinkhorn, uniform marginals) or "softmax" (row softmax, ablation).
-        orthogonality: "construction" (block Gram-Schmidt each forward), "penalty", "none".
-        orthogonality_weight: weight of the penalty in the training loss (1.0; "penalty" only).
-        cost: "max" or "mean" cosine of a token with the subspace's pair, as ``1 - sim``.
-        epsilon: entropic regularisation of OT and temperature of the softmax assignment (0.05).
-        ot_iters, ot_tol: Sinkhorn iteration cap and marginal tolerance (100, 1e-6).
-        ot_check_every: test the tolerance every this many iterations (1). Each test reads one
-            number back from the device; 10 on a GPU removes 90 % of those waits at the price of
-            up to 9 extra (harmless: the plan only gets closer to its marginals) iterations.
-        plan_grad: let gradients flow through the assignment (False: a fixed plan).
-        image_score: "mean" over subspaces or "affinity"-weighted (see the module docstring).
-        checkpoint: a clipad ``.safetensors`` of a trained tokenclip detector.
-    """
+    Options = TokenCLIPOptions
+    opts: TokenCLIPOptions
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        *,
-        image_size: int | None = None,
-        precision: str = "auto",
-        n_subspaces: int = 4,
-        topk: int = 2,
-        assignment: str = "ot",
-        orthogonality: str = "construction",
-        orthogonality_weight: float = 1.0,
-        cost: str = "max",
-        epsilon: float = 0.05,
-        ot_iters: int = 100,
-        ot_tol: float = 1e-6,
-        ot_check_every: int = 1,
-        plan_grad: bool = False,
-        image_score: str = "mean",
-        n_ctx: int = 12,
-        deep_depth: int = 9,
-        deep_length: int = 4,
-        taps: Sequence[float] = (1.0,),
-        dpam_start: float | None = 0.25,
-        temperature: float = 0.07,
-        sigma: float = 4.0,
-        local_loss_weight: float = 4.0,
-        global_ln_post: bool = False,
-        deep_fp16: bool = True,
-        checkpoint: str | None = None,
-    ) -> None:
-        super().__init__(
-            backbone, image_size=image_size, precision=precision, n_ctx=n_ctx, deep_depth=deep_depth,
-            deep_length=deep_length, taps=taps, dpam_start=dpam_start, temperature=temperature, sigma=sigma,
-            local_loss_weight=local_loss_weight, global_ln_post=global_ln_post, deep_fp16=deep_fp16, checkpoint=None,
-        )
-        k = int(n_subspaces)
+    def __init__(self, backbone: Backbone, options: TokenCLIPOptions | None = None, **kwargs: Any) -> None:
+        super().__init__(backbone, options, **kwargs)
+        o = self.opts
+        k = o.n_subspaces
         dim = backbone.clip.text_projection.shape[-1] if isinstance(backbone.clip.text_projection, torch.Tensor) else None
-        if k < 1:
-            raise ClipadError(f"n_subspaces must be >= 1; got {n_subspaces}")
-        if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
-            raise ClipadError(f"topk must be an int >= 1 (>= n_subspaces keeps the dense plan); got {topk!r}")
-        if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
-            raise ClipadError(f"epsilon must be a finite number > 0; got {epsilon!r}")
-        if not isinstance(ot_iters, int) or ot_iters < 1:
-            raise ClipadError(f"ot_iters must be an int >= 1; got {ot_iters!r}")
-        self.n_subspaces = k
-        self.topk = int(topk)
-        self.assignment = _choice("assignment", assignment, ASSIGNMENTS)
-        self.orthogonality = _choice("orthogonality", orthogonality, ORTHOGONALITY)
-        self.orthogonality_weight = float(orthogonality_weight)
-        self.cost = _choice("cost", cost, COSTS)
-        self.epsilon = float(epsilon)
-        self.ot_iters = int(ot_iters)
-        self.ot_tol = float(ot_tol)
-        if not isinstance(ot_check_every, int) or ot_check_every < 1:
-            raise ClipadError(f"ot_check_every must be an int >= 1; got {ot_check_every!r}")
-        self.ot_check_every = ot_check_every
-        self.plan_grad = bool(plan_grad)
-        self.image_score = _choice("image_score", image_score, IMAGE_SCORES)
-        if self.orthogonality == "construction" and dim is not None and 2 * k > dim:
+        if o.orthogonality == "construction" and dim is not None and 2 * k > dim:
             raise ClipadError(f"{k} orthogonal subspaces need 2 x n_subspaces <= the embedding width {dim}")
-        # Row 2k / 2k + 1: normal / abnormal prompt of subspace k. Drawn in that order from one
-        # seeded generator, so subspace 0 starts where AnomalyCLIP's prompts start.
-        self.prompts = LearnablePrompts(
-            backbone, PROMPT_TEXTS * k, n_ctx, deep_depth=deep_depth, deep_length=deep_length, deep_fp16=deep_fp16
-        )
-        if checkpoint is not None:
-            from ...convert import read_learned_weights
+        self.n_subspaces = k
+        self.topk = o.topk
+        self.assignment = o.assignment
+        self.orthogonality = o.orthogonality
+        self.orthogonality_weight = o.orthogonality_weight
+        self.cost = o.cost
+        self.epsilon = o.epsilon
+        self.ot_iters = o.ot_iters
+        self.ot_tol = o.ot_tol
+        self.ot_check_every = o.ot_check_every
+        self.plan_grad = o.plan_grad
+        self.image_score = o.image_score
 
-            self.load_learned_state(read_learned_weights(checkpoint, self.name))
+    def prompt_texts(self) -> tuple[str, ...]:
+        """Row 2k / 2k + 1: normal / abnormal prompt of subspace k. Drawn in that order from one
+        seeded generator, so subspace 0 starts where AnomalyCLIP's prompts start."""
+        return tuple(OBJECT_AGNOSTIC_PROMPTS) * self.opts.n_subspaces
 
     # -- learned state -------------------------------------------------------------------------
     def load_learned_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -334,7 +263,13 @@ class TokenCLIP(AnomalyCLIP):
 
     # -- training interface (clipad.train) -----------------------------------------------------
     def training_loss(
-        self, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, **_: Any
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        class_names: Sequence[str] | None = None,
+        references: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """AnomalyCLIP's loss on TokenCLIP's maps and scores, plus the orthogonality penalty.
 
@@ -360,7 +295,7 @@ class TokenCLIP(AnomalyCLIP):
         local = torch.zeros((), device=logp.device)
         parts: dict[str, Any] = {"focal": 0.0, "dice_abnormal": 0.0, "dice_normal": 0.0}
         for probs in self.token_probabilities(taps, text):
-            focal, dice_a, dice_n = segmentation_loss(probability_maps(probs, grid, self.model_size), masks)
+            focal, dice_a, dice_n = segmentation_loss(token_maps(probs, grid, self.model_size), masks)
             local = local + focal + dice_a + dice_n
             parts["focal"] += focal.detach()
             parts["dice_abnormal"] += dice_a.detach()
@@ -378,7 +313,7 @@ class TokenCLIP(AnomalyCLIP):
         with torch.autocast(self.device.type, enabled=False):
             scores = self.image_probabilities(glob.float(), text)[:, 1]
             maps = torch.stack(
-                [anomaly_map(probability_maps(p, grid, self.model_size)) for p in self.token_probabilities(taps, text)]
+                [anomaly_map(token_maps(p, grid, self.model_size)) for p in self.token_probabilities(taps, text)]
             ).sum(dim=0)
             maps = gaussian_blur(maps, self.sigma)
         return scores, maps

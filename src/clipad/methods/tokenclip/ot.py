@@ -93,7 +93,7 @@ from typing import NamedTuple
 
 import torch
 
-from ...errors import UnknownNameError
+from ...errors import InvalidTypeError, InvalidValueError, NumericalError, UnknownNameError
 
 __all__ = ["OTResult", "row_normalize", "sinkhorn", "softmax_assignment", "topk_mask"]
 
@@ -163,7 +163,7 @@ def sinkhorn(
     _check_real("epsilon", epsilon, positive=True)
     _check_real("tol", tol, positive=False)
     if not isinstance(cost, torch.Tensor):
-        raise TypeError(f"cost must be a torch.Tensor [B, N, K], got {type(cost).__name__}")
+        raise InvalidTypeError(f"cost must be a torch.Tensor [B, N, K], got {type(cost).__name__}; convert it with torch.as_tensor")
     out_dtype = cost.dtype
     cost, log_a, log_b = _check_problem(cost, a, b)
     args = (float(epsilon), int(max_iter), float(tol), bool(log_domain), int(check_every), out_dtype)
@@ -178,14 +178,14 @@ def _check_problem(cost: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor |
     """Validate; return (cost in the working dtype, log a: [B, N], log b: [B, K])."""
     if cost.dim() != 3:
         hint = " (add a batch dimension: cost[None])" if cost.dim() == 2 else ""
-        raise ValueError(f"cost must have shape [B, N, K], got {tuple(cost.shape)}{hint}")
+        raise InvalidValueError(f"cost must have shape [B, N, K], got {tuple(cost.shape)}{hint}")
     if not cost.is_floating_point():
-        raise ValueError(f"cost must be a floating-point tensor, got dtype {cost.dtype}")
+        raise InvalidValueError(f"cost must be a floating-point tensor, got dtype {cost.dtype}; cast it, e.g. cost.float()")
     B, N, K = cost.shape
     if B == 0 or N == 0 or K == 0:
-        raise ValueError(f"cost must have non-empty dimensions [B, N, K], got {tuple(cost.shape)}")
+        raise InvalidValueError(f"cost must have non-empty dimensions [B, N, K], got {tuple(cost.shape)}")
     if not bool(torch.isfinite(cost).all()):
-        raise ValueError("cost has non-finite entries (NaN or inf)")
+        raise InvalidValueError(f"cost has non-finite entries (NaN or inf): {int((~torch.isfinite(cost)).sum())} of them; replace them, e.g. torch.nan_to_num, first")
     # Half precision loses the marginals in log-sum-exp; float64 stays float64.
     work = torch.promote_types(cost.dtype, torch.float32)
     cost = cost.to(work)
@@ -200,26 +200,26 @@ def _check_problem(cost: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor |
         if m.dim() == 1:
             m = m.expand(B, -1)
         if m.shape != (B, n):
-            raise ValueError(f"{name} must have shape [{dim}]=({n},) or [B, {dim}]=({B}, {n}) for cost of shape {tuple(cost.shape)}, got {tuple(m.shape)}")
+            raise InvalidValueError(f"{name} must have shape [{dim}]=({n},) or [B, {dim}]=({B}, {n}) for cost of shape {tuple(cost.shape)}, got {tuple(m.shape)}")
         if not bool((torch.isfinite(m) & (m > 0)).all()):
-            raise ValueError(f"{name} must be finite and strictly positive (masses of the {'tokens' if name == 'a' else 'subspaces'})")
+            raise InvalidValueError(f"{name} must be finite and strictly positive (masses of the {'tokens' if name == 'a' else 'subspaces'})")
         marg.append(m.to(work))
     sa, sb = marg[0].sum(-1), marg[1].sum(-1)
     if not torch.allclose(sa, sb, rtol=1e-5, atol=0.0):
         i = int((sa - sb).abs().argmax())
-        raise ValueError(f"a and b must have the same total mass per batch element: batch {i} has sum(a)={float(sa[i]):.6g}, sum(b)={float(sb[i]):.6g}")
+        raise InvalidValueError(f"a and b must have the same total mass per batch element: batch {i} has sum(a)={float(sa[i]):.6g}, sum(b)={float(sb[i]):.6g}; normalise both, e.g. a / a.sum(-1, keepdim=True)")
     return cost, marg[0].log(), marg[1].log()
 
 
 def _check_int(name: str, x: object) -> None:
     if not isinstance(x, numbers.Integral) or isinstance(x, bool) or x < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {x!r}")
+        raise InvalidValueError(f"{name} must be an int >= 1, got {x!r}")
 
 
 def _check_real(name: str, x: object, *, positive: bool) -> None:
     ok = isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 if positive else x >= 0)
     if not ok:
-        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {x!r}")
+        raise InvalidValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {x!r}")
 
 
 @torch.compiler.disable  # the convergence test reads the device every few iterations: run eagerly
@@ -289,7 +289,7 @@ def _solve(
             n_iter += 1
         plan = u[:, :, None] * kern * v[:, None, :]
         if not bool((torch.isfinite(u) & (u > 0)).all() & (torch.isfinite(v) & (v > 0)).all() & torch.isfinite(plan).all()):
-            raise FloatingPointError(
+            raise NumericalError(
                 f"standard-domain Sinkhorn under/overflowed at epsilon={eps:g} "
                 f"(cost range / epsilon too large for {cost.dtype}); use log_domain=True"
             )
@@ -338,7 +338,7 @@ def topk_mask(plan: torch.Tensor, k: int, renormalize: bool = True) -> torch.Ten
     """
     _check_int("k", k)
     if plan.dim() < 1 or plan.shape[-1] == 0:
-        raise ValueError(f"plan must have shape [..., K] with K >= 1, got {tuple(plan.shape)}")
+        raise InvalidValueError(f"plan must have shape [..., K] with K >= 1, got {tuple(plan.shape)}")
     if k < plan.shape[-1]:
         idx = torch.topk(plan, int(k), dim=-1).indices
         keep = torch.zeros_like(plan, dtype=torch.bool).scatter_(-1, idx, True)
@@ -358,5 +358,6 @@ def softmax_assignment(cost: torch.Tensor, *, temperature: float) -> torch.Tenso
     """
     _check_real("temperature", temperature, positive=True)
     if not isinstance(cost, torch.Tensor) or not cost.is_floating_point() or cost.dim() < 1:
-        raise ValueError("cost must be a floating-point torch.Tensor [B, N, K]")
+        raise InvalidValueError(f"cost must be a floating-point torch.Tensor [B, N, K], got {type(cost).__name__}"
+                                f"{f' of dtype {cost.dtype} and shape {tuple(cost.shape)}' if isinstance(cost, torch.Tensor) else ''}")
     return torch.softmax(-cost / temperature, dim=-1)

@@ -32,8 +32,10 @@ from ...backbones.clip import Backbone
 from ...errors import ClipadError
 from ...backbones.precision import float32_head
 from ...components.prompts import WINCLIP_ANOMALOUS_STATES, WINCLIP_NORMAL_STATES, WINCLIP_TEMPLATES, state_embeddings
+from ...components.scoring import harmonic_mean, state_probabilities, token_maps
 from ..base import Detector
 from ..registry import register_method
+from .options import WinCLIPOptions
 
 
 def window_indices(grid: tuple[int, int], k: int, stride: int = 1) -> torch.Tensor:
@@ -68,13 +70,6 @@ def harmonic_aggregation(window_scores: torch.Tensor, index: torch.Tensor, valid
 
 
 @float32_head
-def class_probability(embeddings: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
-    """[..., D] embeddings, [2, D] (normal, anomalous) text -> [...] anomalous probability."""
-    sim = F.normalize(embeddings.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T
-    return (sim / temperature).softmax(dim=-1)[..., 1]
-
-
-@float32_head
 def min_cosine_distance(query: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     """[B, N, D] query, [K, M, D] memory -> [B, N] min over all K*M of (1 - cos) / 2."""
     mem = F.normalize(memory.reshape(-1, memory.shape[-1]).float(), dim=-1)
@@ -84,35 +79,21 @@ def min_cosine_distance(query: torch.Tensor, memory: torch.Tensor) -> torch.Tens
 
 @register_method("winclip")
 class WinCLIP(Detector):
-    """WinCLIP zero-shot, and k-shot with ``set_reference``.
-
-    Options:
-        image_size: model input size (default 240, the paper's).
-        scales: window sizes in patches (default (2, 3)).
-        temperature: softmax temperature of text scores (0.07).
-        window_chunk: window sequences per tower call; bounds memory, not results.
-    """
+    """WinCLIP zero-shot, and k-shot with ``set_reference``. Options: :class:`.WinCLIPOptions`."""
 
     default_backbone = "ViT-B-16-plus-240"
     default_pretrained = "laion400m_e31"
     few_shot = True
+    Options = WinCLIPOptions
+    opts: WinCLIPOptions
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        *,
-        image_size: int = 240,
-        precision: str = "auto",
-        scales: tuple[int, ...] = (2, 3),
-        temperature: float = 0.07,
-        window_chunk: int = 8192,
-    ) -> None:
-        super().__init__(backbone, image_size=image_size, precision=precision)
-        self.scales = tuple(int(s) for s in scales)
-        self.temperature = float(temperature)
-        self.window_chunk = int(window_chunk)
+    def __init__(self, backbone: Backbone, options: WinCLIPOptions | None = None, **kwargs) -> None:
+        super().__init__(backbone, options, **kwargs)
+        self.scales = self.opts.scales
+        self.temperature = self.opts.temperature
+        self.window_chunk = self.opts.window_chunk
         ph, pw = backbone.patch_size
-        self.grid = (image_size // ph, image_size // pw)
+        self.grid = (self.image_size // ph, self.image_size // pw)
         n = self.grid[0] * self.grid[1]
         for i, k in enumerate(self.scales):
             win = window_indices(self.grid, k)
@@ -161,14 +142,13 @@ class WinCLIP(Detector):
         text = self.text_embeddings(class_name)
         cls, tokens, windows = self._features(x)
         b = x.shape[0]
-        image_scores = class_probability(cls, text, self.temperature)
+        image_scores = state_probabilities(cls, text, self.temperature)[..., 1]
 
         per_scale = [image_scores[:, None].expand(b, self.grid[0] * self.grid[1])]
         for i, w in enumerate(windows):
             _, idx, valid = self._scale_buffers(i)
-            per_scale.append(harmonic_aggregation(class_probability(w, text, self.temperature), idx, valid))
-        stacked = torch.stack(per_scale)
-        zero_shot = len(per_scale) / (1.0 / stacked).sum(dim=0)  # harmonic mean over scales
+            per_scale.append(harmonic_aggregation(state_probabilities(w, text, self.temperature)[..., 1], idx, valid))
+        zero_shot = harmonic_mean(per_scale)  # over {image score, scale maps}
         amap, scores = zero_shot, image_scores
 
         if reference is not None:
@@ -180,6 +160,5 @@ class WinCLIP(Detector):
             amap = (zero_shot + few_shot) / 2
             scores = (image_scores + few_shot.amax(dim=-1)) / 2
 
-        amap = amap.reshape(b, 1, *self.grid)
-        amap = F.interpolate(amap, size=self.model_size, mode="bilinear", align_corners=False)[:, 0]
+        amap = token_maps(amap[..., None], self.grid, self.model_size)[:, 0]
         return scores, amap

@@ -243,11 +243,13 @@ def test_tiling_of_non_square_inputs(tiny):
     assert pred.anomaly_maps.shape == (1, SIZE, 96)
     left, right = det.predict(x[..., :SIZE]), det.predict(x[..., 32:])
     m = pred.anomaly_maps[0]
-    torch.testing.assert_close(m[:, :32], left.anomaly_maps[0, :, :32], rtol=0, atol=1e-6)
-    torch.testing.assert_close(m[:, 64:], right.anomaly_maps[0, :, 32:], rtol=0, atol=1e-6)
+    # tiles batched or alone: the matmuls may sum in another order (1.2e-7 seen with other CPU
+    # kernels): the suite's 1e-5 for maps and scores
+    torch.testing.assert_close(m[:, :32], left.anomaly_maps[0, :, :32], rtol=0, atol=1e-5)
+    torch.testing.assert_close(m[:, 64:], right.anomaly_maps[0, :, 32:], rtol=0, atol=1e-5)
     overlap = (left.anomaly_maps[0, :, 32:] + right.anomaly_maps[0, :, :32]) / 2
-    torch.testing.assert_close(m[:, 32:64], overlap, rtol=0, atol=1e-6)
-    torch.testing.assert_close(pred.image_scores, (left.image_scores + right.image_scores) / 2, rtol=0, atol=1e-6)
+    torch.testing.assert_close(m[:, 32:64], overlap, rtol=0, atol=1e-5)
+    torch.testing.assert_close(pred.image_scores, (left.image_scores + right.image_scores) / 2, rtol=0, atol=1e-5)
     # tall inputs tile along the height; other sizes come back at their own size
     assert det.predict(_images(1, 100, 70, seed=6)).anomaly_maps.shape == (1, 100, 70)
     squashed = _tiny(image_size=SIZE, augment_views=False, tile_non_square=False).predict(x)

@@ -75,7 +75,8 @@ def test_predict_maps_at_each_input_size_in_one_chunk():
     pred = det.predict(imgs)
     assert [tuple(m.shape) for m in pred.anomaly_maps] == [(40, 60), (40, 60), (80, 80)]
     alone = det.predict(imgs[2:])
-    torch.testing.assert_close(pred.anomaly_maps[2], alone.anomaly_maps[0], rtol=0, atol=1e-6)
+    # batched or alone, the matmuls may sum in another order (2.4e-7 seen): the suite's 1e-5 for maps
+    torch.testing.assert_close(pred.anomaly_maps[2], alone.anomaly_maps[0], rtol=0, atol=1e-5)
 
 
 def test_sinkhorn_checked_every_10_iterations_agrees():

@@ -315,15 +315,18 @@ def test_batcher_coalesces_and_isolates_failures():
     assert stats["max_batch_size"] == 4 and stats["images"] == 13
 
 
-def test_serve_parser_defaults():
+def test_serve_parser_defaults(tmp_path):
     from clipad.cli import build_parser
 
     parser = build_parser()
     args = parser.parse_args(["serve", "--backbone", "tiny"])
     assert (args.host, args.port, args.max_batch, args.max_upload_mb, args.token, args.threshold) == (
         "127.0.0.1", 8000, 16, 20.0, None, None)
-    args = parser.parse_args(["serve", "--checkpoint", "c.safetensors", "--references-dir", "r", "--threshold", "0.3"])
-    assert (args.checkpoint, args.references_dir, args.threshold) == ("c.safetensors", "r", 0.3)
+    ckpt = tmp_path / "c.safetensors"  # --checkpoint must exist, and belong to the method
+    ckpt.touch()
+    args = parser.parse_args(["serve", "--method", "anomalyclip", "--checkpoint", str(ckpt), "--references-dir", "r",
+                              "--threshold", "0.3"])
+    assert (args.checkpoint, args.references_dir, args.threshold) == (str(ckpt), "r", 0.3)
 
 
 def test_no_pickle_in_the_service():

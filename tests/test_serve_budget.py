@@ -338,9 +338,9 @@ def test_create_app_rejects_bad_budgets(det, kwargs, flag):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--max-request-pixels", "0"], "--max-request-pixels must be a positive"),
-    (["--max-inflight-pixels", "nan"], "--max-inflight-pixels must be a positive"),
-    (["--max-image-pixels", "-5"], "--max-image-pixels must be a positive"),
+    (["--max-request-pixels", "0"], "--max-request-pixels: must be a finite number > 0"),
+    (["--max-inflight-pixels", "nan"], "--max-inflight-pixels: must be a finite number > 0"),
+    (["--max-image-pixels", "-5"], "--max-image-pixels: must be a finite number > 0"),
     (["--max-request-pixels", "300"], "is over --max-inflight-pixels"),
 ])
 def test_cli_validates_budget_flags(capsys, argv, message):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -9,8 +10,8 @@ from typing import Any
 import torch
 
 from .backbones.clip import _check_name, create_backbone
-from .checkpoint import read_checkpoint, read_learned_weights, split_tensors
-from .errors import ClipadError
+from .checkpoint import checkpoint_error, read_checkpoint, read_learned_weights, split_tensors
+from .errors import ClipadError, UnknownNameError
 from .methods import get_method
 from .methods.base import Detector, LearnedDetector, make_options
 
@@ -62,13 +63,15 @@ def create_detector(
                 f"backbone '{backbone}' needs an explicit pretrained= (an open_clip tag, a checkpoint "
                 "file, or None for random weights)"
             )
+    checkpoint = opts.checkpoint if issubclass(cls, LearnedDetector) else None
+    # read (and checked) before anything is built: a bad file fails fast
+    learned = read_learned_weights(checkpoint, cls.name) if checkpoint is not None else None
     dev = torch.device(device) if device is not None else default_device()
     bb = create_backbone(backbone, pretrained, device=dev, seed=seed, quick_gelu=quick_gelu)
-    checkpoint = opts.checkpoint if issubclass(cls, LearnedDetector) else None
     det = cls(bb, opts if checkpoint is None else replace(opts, checkpoint=None))
     det.seed = seed
-    if checkpoint is not None:  # once the method has built its modules
-        det.load_learned_state(read_learned_weights(checkpoint, det.name))
+    if learned is not None:  # once the method has built its modules
+        det.load_learned_state(learned)
         det.opts = opts  # recorded as given
     return det.to(dev).eval()
 
@@ -77,21 +80,54 @@ def load_detector(
     path: str | Path,
     device: str | torch.device | None = None,
     pretrained: str | Path | None = _UNSET,
+    quick_gelu: bool | None = _UNSET,
 ) -> Detector:
     """Restore a detector saved with ``det.save(path)``; predictions are identical.
 
-    ``pretrained`` overrides the recorded weights source (e.g. the checkpoint file moved).
+    ``pretrained`` overrides the recorded weights source (e.g. the checkpoint file moved);
+    ``quick_gelu`` the recorded backbone activation (None: auto), e.g. for such a file.
+
+    The file's header is checked before anything is built: its schema (:mod:`clipad.checkpoint`),
+    then the method, the backbone name and every option value (the method's ``Options``); the
+    tensors must be finite and fit the detector.
+
+    Raises:
+        MissingFileError: no such file.
+        CheckpointError: anything wrong with the file; one bounded message naming the entry.
     """
     meta, tensors = read_checkpoint(path)
+    cls = _from_header(path, "method", lambda: get_method(meta["method"]))
+    _from_header(path, "backbone", lambda: _check_backbone(meta["backbone"]))
+    _from_header(path, "options", lambda: make_options(cls, meta["options"]))
     det = create_detector(
         meta["method"],
         backbone=meta["backbone"],
         pretrained=meta["pretrained"] if pretrained is _UNSET else pretrained,
         device=device,
         seed=meta["seed"],
+        # files written before it was recorded: auto
+        quick_gelu=meta.get("quick_gelu") if quick_gelu is _UNSET else quick_gelu,
         **meta["options"],
     )
     learned, refs = split_tensors(meta, tensors)
-    det.load_learned_state(learned)
-    det.load_references(refs)
+    _from_header(path, "learned tensors", lambda: det.load_learned_state(learned))
+    _from_header(path, "reference tensors", lambda: det.load_references(refs))
+    # files written before calibration existed (or never calibrated) have none
+    _from_header(path, "thresholds", lambda: det.load_thresholds(meta.get("thresholds") or {}))
     return det
+
+
+def _check_backbone(name: str) -> None:
+    """:func:`_check_name` with a short message for an unknown name (its own lists every architecture)."""
+    try:
+        _check_name(name)
+    except UnknownNameError:
+        raise UnknownNameError(f"unknown backbone '{name}' (clipad.list_backbones() lists the valid names)") from None
+
+
+def _from_header(path: str | Path, entry: str, check: Callable[[], Any]) -> Any:
+    """``check()``, its error reworded as a :class:`CheckpointError` of the file's ``entry``."""
+    try:
+        return check()
+    except ClipadError as exc:
+        raise checkpoint_error(path, f"{entry}: {exc}") from None

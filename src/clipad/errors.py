@@ -13,13 +13,60 @@ as ``clipad: <message>``, like the inputs it skips itself.
 
 from __future__ import annotations
 
+#: the longest message a :class:`ClipadError` shows; a longer one is cut in the middle
+MAX_MESSAGE = 2000
+
+
+def _cut(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    kept = max(0, limit - len(f"...[{len(text)} characters left out]..."))
+    marker = f"...[{len(text) - kept} characters left out]..."
+    head = kept * 2 // 3
+    tail = kept - head
+    return text[:head] + marker + (text[-tail:] if tail else "")
+
+
+def shorten(value: object, limit: int = 200) -> str:
+    """``value`` as one line of at most about ``limit`` characters, for messages that quote user data
+    (a file's header, a request): a string as is (control characters escaped), anything else as
+    its ``repr``; a longer one keeps its start and end around ``...[N characters left out]...``."""
+    text = value if isinstance(value, str) else repr(value)
+    if not text.isprintable():
+        text = text.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return _cut(text, limit)
+
 
 class ClipadError(Exception):
-    """Base class of every error clipad raises on purpose."""
+    """Base class of every error clipad raises on purpose. Its message is at most
+    :data:`MAX_MESSAGE` characters (a longer one is cut in the middle), so quoted data never floods
+    a terminal or a log."""
+
+    def __str__(self) -> str:
+        return _cut(super().__str__(), MAX_MESSAGE)
+
+    #: The message as the command line shows it, where its fix is worded in flags
+    #: (``--pretrained /path``) rather than Python arguments (``pretrained='/path'``); None: ``str()``.
+    cli_message: str | None = None
 
 
 class WeightsNotFound(ClipadError):
-    """Pretrained weights could not be found locally nor downloaded."""
+    """Pretrained weights could not be found locally nor downloaded.
+
+    When an open_clip tag is neither cached nor downloadable, ``backbone``, ``tag`` and ``reason``
+    (why nothing was downloaded: offline mode set, no network, the download's own error) say what
+    was tried, and :attr:`cli_message` gives the fix in command-line flags; for other causes (a
+    file that cannot be read) they are None and one message serves both.
+    """
+
+    def __init__(
+        self, message: str, *, backbone: str | None = None, tag: str | None = None, reason: str | None = None,
+        cli_message: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.backbone, self.tag, self.reason = backbone, tag, reason
+        if cli_message is not None:
+            self.cli_message = _cut(cli_message, MAX_MESSAGE)
 
 
 class UnknownNameError(ClipadError, ValueError):
@@ -36,6 +83,11 @@ class InvalidTypeError(ClipadError, TypeError):
 
 class NumericalError(ClipadError, FloatingPointError):
     """A computation overflowed or underflowed; the message says which option avoids it."""
+
+
+class CheckpointError(ClipadError, ValueError):
+    """A checkpoint file that is not a valid clipad checkpoint (unreadable, not safetensors, an
+    official file not converted yet, a header that breaks the format's schema, non-finite weights)."""
 
 
 class MissingFileError(ClipadError, FileNotFoundError):

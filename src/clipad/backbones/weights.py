@@ -184,6 +184,20 @@ def _download_tag(cfg: dict, cache_dir: str | None) -> Path:
     return Path(ocp.download_pretrained(cfg, cache_dir=cache_dir))
 
 
+def offline_message(backbone: str, tag: str, why: str, *, cli: bool = False) -> str:
+    """What to do when the weights of ``tag`` are neither cached nor downloadable (``why``), worded
+    for Python callers (``pretrained='/path'``) or, with ``cli``, for the command line
+    (``--pretrained /path``), where Python syntax would be typed as is and fail."""
+    local = f"--pretrained /path/to/{backbone}.safetensors" if cli else f"pretrained='/path/to/{backbone}.safetensors'"
+    random = "--pretrained none" if cli else "pretrained=None"
+    return (
+        f"no cached weights for backbone '{backbone}' with pretrained tag '{tag}', and {why}. Download them "
+        "once on a connected machine (they land in the Hugging Face cache, ~/.cache/huggingface, or "
+        f"~/.cache/clip), or pass a local file: {local} (open_clip .bin/.pt/.safetensors or an OpenAI .pt), "
+        f"or {random} for random weights."
+    )
+
+
 def resolve(backbone: str, pretrained: str | os.PathLike | None, cache_dir: str | None = None) -> WeightsSource:
     """Turn a ``pretrained`` argument into a local file (downloading a tag if needed).
 
@@ -197,7 +211,8 @@ def resolve(backbone: str, pretrained: str | os.PathLike | None, cache_dir: str 
     if as_path.is_file():
         return WeightsSource("file", as_path, quick_gelu=False)
     if as_path.exists():
-        raise WeightsNotFound(f"pretrained='{pretrained}' is a directory, not a checkpoint file")
+        # neutral wording: the same text reaches Python callers and the command line (--pretrained)
+        raise WeightsNotFound(f"pretrained weights '{pretrained}' name a directory, not a checkpoint file")
 
     import open_clip
 
@@ -217,21 +232,20 @@ def resolve(backbone: str, pretrained: str | os.PathLike | None, cache_dir: str 
     if cached is not None:
         return WeightsSource("tag", cached, quick_gelu=quick_gelu, tag=tag)
 
-    hint = (
-        f"no cached weights for backbone '{backbone}' with pretrained tag '{tag}', and "
-        "{why}. Download them once on a connected machine (they land in the Hugging Face cache, "
-        "~/.cache/huggingface, or ~/.cache/clip), or pass a local file: "
-        f"pretrained='/path/to/{backbone}.safetensors' (open_clip .bin/.pt/.safetensors or an "
-        "OpenAI .pt), or pretrained=None for random weights."
-    )
+    def offline(why: str) -> WeightsNotFound:
+        return WeightsNotFound(
+            offline_message(backbone, tag, why), backbone=backbone, tag=tag, reason=why,
+            cli_message=offline_message(backbone, tag, why, cli=True),
+        )
+
     if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("CLIPAD_OFFLINE", "") not in ("", "0"):
-        raise WeightsNotFound(hint.format(why="offline mode is set (HF_HUB_OFFLINE/CLIPAD_OFFLINE)"))
+        raise offline("offline mode is set (HF_HUB_OFFLINE/CLIPAD_OFFLINE)")
     if not _host_reachable():
-        raise WeightsNotFound(hint.format(why=f"{HF_HOST} cannot be reached (no network?)"))
+        raise offline(f"{HF_HOST} cannot be reached (no network?)")
     try:
         path = _download_tag(cfg, cache_dir)
     except Exception as exc:  # noqa: BLE001 - report any download failure the same way
-        raise WeightsNotFound(hint.format(why=f"the download failed ({type(exc).__name__}: {exc})")) from exc
+        raise offline(f"the download failed ({type(exc).__name__}: {exc})") from exc
     return WeightsSource("tag", path, quick_gelu=quick_gelu, tag=tag)
 
 

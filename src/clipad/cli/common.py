@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
+import os
+import re
 import sys
 import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
 
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE = 0, 1, 2
 
@@ -59,10 +65,308 @@ def warnings_reported():
         yield
 
 
-def _pretrained_arg(value: str | None):
+def pretrained_value(value: str | None) -> str | None:
+    """``--pretrained`` as ``pretrained=``: 'none' or 'random' -> None (random weights)."""
     if value is None:
         return None
     return None if value.lower() in ("none", "random") else value
+
+
+# --------------------------------------------------------------------------- parsing and checking options
+#
+# Every option value is checked while the command line is parsed (argparse ``type=`` functions
+# below; checks across options in ``ClipadArgumentParser.checks``), so a bad value stops the run
+# with one ``clipad: <command>: argument --flag: ...`` line and exit code 2 before anything is
+# loaded or written.
+
+
+class ClipadArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with clipad's error policy: one ``clipad: [command: ]message`` line on
+    stderr and ``SystemExit(2)`` (which :func:`clipad.cli.main` returns as its exit code), where
+    argparse prints a usage block and ``prog: error: ...``.
+
+    ``checks``: callables ``(namespace) -> message | None`` run after a successful parse (checks
+    across options, e.g. ``--vmin`` below ``--vmax``); the first message is the error. A check
+    may also fill in defaults that depend on other options. ``hints``: callables ``(message,
+    namespace) -> message | None`` that may replace an argparse error with a more specific one
+    (``namespace`` holds what was parsed before the error).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.checks: list[Callable[[argparse.Namespace], str | None]] = []
+        self.hints: list[Callable[[str, argparse.Namespace | None], str | None]] = []
+        self._partial: argparse.Namespace | None = None
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._partial = namespace = argparse.Namespace() if namespace is None else namespace
+        namespace, extras = super().parse_known_args(args, namespace)
+        for check in self.checks:
+            message = check(namespace)
+            if message:
+                self.error(message)
+        return namespace, extras
+
+    def error(self, message: str):
+        for hint in self.hints:
+            better = hint(message, self._partial)
+            if better:
+                message = better
+                break
+        command = self.prog.split()[1:]  # "clipad predict" -> ["predict"]
+        report(" ".join(command) + ": " + message if command else message)
+        self.exit(EXIT_USAGE)
+
+
+def _shown(text: str) -> str:
+    return text if text and text == text.strip() else repr(text)
+
+
+def _fail(text: str, expected: str) -> NoReturn:
+    raise argparse.ArgumentTypeError(f"must be {expected}; got {_shown(text)}")
+
+
+def _int(text: str, expected: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        _fail(text, expected)
+
+
+def _float(text: str, expected: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        _fail(text, expected)
+    if not math.isfinite(value):
+        _fail(text, expected)
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = _int(text, "a positive integer")
+    if value < 1:
+        _fail(text, "a positive integer")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = _int(text, "an integer >= 0")
+    if value < 0:
+        _fail(text, "an integer >= 0")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a random seed, 0 .. 2**32 - 1 (what every generator clipad seeds accepts)."""
+    expected = f"an integer from 0 to {2**32 - 1}"
+    value = _int(text, expected)
+    if not 0 <= value < 2**32:
+        _fail(text, expected)
+    return value
+
+
+def port(text: str) -> int:
+    """argparse type: a TCP port, 0 .. 65535 (0: any free port)."""
+    value = _int(text, "a TCP port from 0 to 65535")
+    if not 0 <= value <= 65535:
+        _fail(text, "a TCP port from 0 to 65535")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (no nan, no inf)."""
+    return _float(text, "a finite number")
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = _float(text, "a finite number > 0")
+    if value <= 0:
+        _fail(text, "a finite number > 0")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    value = _float(text, "a finite number >= 0")
+    if value < 0:
+        _fail(text, "a finite number >= 0")
+    return value
+
+
+def non_empty(text: str) -> str:
+    """argparse type: any text but an empty (or blank) one."""
+    if not text.strip():
+        _fail(text, "a non-empty value")
+    return text
+
+
+def device(text: str) -> str:
+    """argparse type: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, and present on this machine (torch
+    is imported only for a non-CPU device)."""
+    m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", text)
+    if not m or (m[2] is not None and m[1] != "cuda"):
+        _fail(text, "cpu, cuda, cuda:N or mps")
+    if m[1] == "cuda":
+        import torch
+
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise argparse.ArgumentTypeError(f"no CUDA device is visible (got {text}); use --device cpu")
+        if m[2] is not None and int(m[2]) >= n:
+            raise argparse.ArgumentTypeError(f"{text} does not exist: {n} CUDA device(s) visible (cuda:0 to cuda:{n - 1})")
+    elif m[1] == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError("mps (Apple GPU) is not available on this machine; use --device cpu")
+    return text
+
+
+def _first_existing(path: Path) -> Path | None:
+    """``path`` or its nearest ancestor that exists (None: none does, e.g. a relative path's)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return p
+    return None
+
+
+def existing_file(text: str) -> str:
+    """argparse type: a file that exists."""
+    non_empty(text)
+    p = Path(text)
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"'{text}' is a directory; expected a file")
+    if not p.is_file():
+        raise argparse.ArgumentTypeError(f"'{text}' does not exist")
+    return text
+
+
+def existing_dir(text: str) -> str:
+    """argparse type: a directory that exists."""
+    non_empty(text)
+    p = Path(text)
+    if p.exists() and not p.is_dir():
+        raise argparse.ArgumentTypeError(f"'{text}' is a file; expected a directory")
+    if not p.is_dir():
+        raise argparse.ArgumentTypeError(f"directory '{text}' does not exist")
+    return text
+
+
+def existing_path(text: str) -> str:
+    """argparse type: a file or directory that exists."""
+    non_empty(text)
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"'{text}' does not exist")
+    return text
+
+
+def output_dir(text: str) -> str:
+    """argparse type: a directory to write into: an existing directory, or a path that can become
+    one (not an existing file, nor under one)."""
+    non_empty(text)
+    found = _first_existing(Path(text))
+    if found is not None and not found.is_dir():
+        where = "is a file" if str(found) == str(Path(text)) else f"is under the file '{found}'"
+        raise argparse.ArgumentTypeError(f"'{text}' {where}; give a directory (it is created if missing)")
+    return text
+
+
+def output_file(text: str) -> str:
+    """argparse type: a file to write: not an existing directory, nor under an existing file."""
+    non_empty(text)
+    p = Path(text)
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"'{text}' is a directory; give a file name")
+    found = _first_existing(p.parent) if str(p.parent) not in ("", ".") else None
+    if found is not None and not found.is_dir():
+        raise argparse.ArgumentTypeError(f"'{text}' is under the file '{found}'; give a path in a directory")
+    return text
+
+
+def key_value(text: str) -> str:
+    """argparse type of ``--set``: ``KEY=VALUE`` with a non-empty key (the value is checked
+    against the method's options once the method is known)."""
+    key, sep, _ = text.partition("=")
+    if not sep or not key.strip():
+        _fail(text, "KEY=VALUE, e.g. scales=[2,3]")
+    return text
+
+
+def pretrained_source(text: str) -> str:
+    """argparse type of ``--pretrained``: ``none``/``random``, an open_clip tag, or a weights file
+    that exists (a value with a path separator or a weights suffix is taken as a file)."""
+    non_empty(text)
+    p = Path(text)
+    looks_like_file = (os.sep in text or "/" in text or p.suffix.lower() in (".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"'{text}' is a directory; expected an open_clip tag, a weights file or 'none'")
+    if looks_like_file and not p.is_file():
+        raise argparse.ArgumentTypeError(f"weights file '{text}' does not exist; expected an open_clip tag "
+                                         "(e.g. laion400m_e31), a weights file or 'none'")
+    return text
+
+
+def backbone_name(text: str) -> str:
+    """argparse type of ``--backbone``: ``tiny`` or an open_clip ViT architecture (checked as
+    :func:`clipad.create_detector` does; imports open_clip)."""
+    from ..backbones.clip import _check_name
+    from ..errors import ClipadError
+
+    non_empty(text)
+    try:
+        _check_name(text)
+    except ClipadError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def method_name(methods: list[str], extra: tuple[str, ...] = (), why: str = "") -> Callable[[str], str]:
+    """argparse type: one of ``methods`` (or of ``extra``, e.g. ``all``). ``why``: why a registered
+    method not in ``methods`` is refused (train: "has nothing to train")."""
+    from ..methods import list_methods
+
+    def method(text: str) -> str:
+        if text in methods or text in extra:
+            return text
+        valid = ", ".join([*methods, *extra])
+        if why and text in list_methods():
+            raise argparse.ArgumentTypeError(f"method '{text}' {why}; use one of: {valid}")
+        raise argparse.ArgumentTypeError(f"unknown method '{_shown(text)}'. Valid names: {valid}")
+
+    method.__name__ = "method"
+    return method
+
+
+def check_method_options(methods: list[str], items: list[tuple[str, str, object]]) -> str | None:
+    """The first problem of method options ``items`` = [(flag, option name, value)] for each of
+    ``methods``, as an argparse error naming the flag; each option alone, then all together."""
+    from ..errors import ClipadError
+    from ..methods import get_method, list_methods
+    from ..methods.base import make_options
+
+    for m in methods:
+        cls = get_method(m)
+        valid = {f.name for f in _option_fields(m)}
+        for flag, key, value in items:
+            if key not in valid:
+                owners = _option_flags(list_methods()).get(flag, (None, []))[1]  # none for --set
+                if owners:
+                    return f"argument {flag}: applies to {', '.join(owners)}, not to method '{m}'"
+                return (f"argument {flag}: method '{m}' has no option '{key}'; its options: "
+                        f"{', '.join(sorted(valid))}")
+            try:
+                make_options(cls, {key: value})
+            except ClipadError as exc:
+                return f"argument {flag}: {exc}"
+        try:
+            make_options(cls, {key: value for _, key, value in items})
+        except ClipadError as exc:
+            return f"argument {'/'.join(dict.fromkeys(flag for flag, _, _ in items))}: {exc}"
+    return None
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -114,12 +418,19 @@ def _options_epilog(methods: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Model options that a saved detector records; giving one with --detector is an error (it could
+#: not take effect). dest -> flag. The method options' own flags (--checkpoint...) join them.
+_RECORDED = {"method": "--method", "backbone": "--backbone", "image_size": "--image-size", "set": "--set",
+             "init_seed": "--init-seed"}
+
+
 def add_model_args(
-    p: argparse.ArgumentParser, multi_method: bool = False, *, methods: list[str] | None = None,
-    default_method: str = "winclip",
+    p: ClipadArgumentParser, multi_method: bool = False, *, methods: list[str] | None = None,
+    default_method: str = "winclip", why_not: str = "",
 ) -> None:
-    """Model options of a subcommand. ``methods``: the ones it accepts (default: all registered);
-    their option flags and an epilog listing their ``--set`` options come from the registry."""
+    """Model options of a subcommand. ``methods``: the ones it accepts (default: all registered;
+    ``why_not``: why another registered one is refused); their option flags and an epilog listing
+    their ``--set`` options come from the registry. Registers :func:`_model_check` on ``p``."""
     from ..methods import list_methods
 
     methods = methods or list_methods()
@@ -127,25 +438,31 @@ def add_model_args(
     p.epilog = _options_epilog(methods)
     g = p.add_argument_group("model")
     names = ", ".join(methods)
+    method_type = method_name(methods, why=why_not)
     if multi_method:
-        g.add_argument("--method", nargs="+", default=[default_method],
+        g.add_argument("--method", nargs="+", action="extend", type=method_type, default=None,
                        help=f"one or more detection methods: {names} (default: {default_method})")
     else:
-        g.add_argument("--method", default=default_method, help=f"detection method: {names} (default: {default_method})")
+        g.add_argument("--method", type=method_type, default=None, help=f"detection method: {names} (default: {default_method})")
     g.add_argument(
-        "--backbone", default=None,
+        "--backbone", type=backbone_name, default=None,
         help="'tiny' or an open_clip architecture, e.g. ViT-B-16-plus-240 (default: the method's paper backbone)",
     )
     g.add_argument(
-        "--pretrained", default=None,
+        "--pretrained", type=pretrained_source, default=None,
         help="open_clip tag (e.g. laion400m_e31), a checkpoint file, or 'none' for random weights "
-        "(default: the method's tag for its default backbone; 'none' for tiny)",
+        "(default: the method's tag for its default backbone; 'none' for tiny); with --detector: the backbone "
+        "weights to load instead of the ones the file records (e.g. a local file when offline)",
     )
-    g.add_argument("--detector", default=None, metavar="FILE",
-                   help="a detector saved with det.save() (.safetensors); replaces --method/--backbone/--pretrained")
-    g.add_argument("--image-size", type=int, default=None, help="model input size in pixels (default: the method's)")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    g.add_argument("--batch-size", type=int, default=8, help="images per model call (default: 8)")
+    g.add_argument("--detector", type=existing_file, default=None, metavar="FILE",
+                   help="a detector saved with det.save() (.safetensors): it records the method, backbone, weights "
+                   "source, image size and method options, so --method, --backbone, --image-size, --set, "
+                   "--init-seed and method option flags are refused with it; --pretrained, --quick-gelu, --device, "
+                   "--precision, --batch-size and --compile apply")
+    g.add_argument("--image-size", type=positive_int, default=None,
+                   help="model input size in pixels, a multiple of the backbone's patch size (default: the method's)")
+    g.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:1 ..., mps (default: cuda when available)")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="images per model call (default: 8)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
                    help="auto (default: bf16 autocast of the image tower on CUDA, fp32 elsewhere), fp32, or bf16 "
                    "(also on CPUs with bf16 support); method heads always run in fp32")
@@ -156,39 +473,132 @@ def add_model_args(
         if isinstance(f.default, bool):
             g.add_argument(flag, dest=f.name, action="store_const", const=not f.default, default=None, help=help_text)
         else:
-            g.add_argument(flag, dest=f.name, default=None, metavar=f.metadata.get("metavar", f.name.upper()), help=help_text)
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+            g.add_argument(flag, dest=f.name, default=None, metavar=f.metadata.get("metavar", f.name.upper()),
+                           # a FILE (--checkpoint) must exist; other values are checked with the method
+                           type=existing_file if f.metadata.get("metavar") == "FILE" else non_empty,
+                           help=help_text)
+    g.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="any method option (listed below), e.g. --set scales=[2,3] --set temperature=0.05 "
                    "(values parsed as JSON when possible, else taken as text)")
-    g.add_argument("--init-seed", type=int, default=0, help="seed of random weights when --pretrained none (default: 0)")
+    g.add_argument("--init-seed", type=seed_int, default=None,
+                   help="seed of random weights when --pretrained none (default: 0)")
     g.add_argument("--quick-gelu", choices=["auto", "on", "off"], default="auto",
                    help="backbone activation: auto (default: from a -quickgelu name, the weights or the architecture's "
                    "releases), on (QuickGELU, as OpenAI trained CLIP), off (GELU); needed for a state-dict file of "
                    "an architecture released with both, e.g. a saved OpenAI ViT-L-14 model: on")
+    # p: a ClipadArgumentParser (build_parser makes every subparser one)
+    p.checks.append(lambda ns: _model_check(ns, [default_method] if multi_method else default_method))
 
 
-def add_dataset_args(p: argparse.ArgumentParser) -> None:
-    """--dataset/--root and each layout's own options (shared by eval and train)."""
+def option_items(args: argparse.Namespace) -> list[tuple[str, str, object]]:
+    """[(flag, option name, value)] of the method option flags given (``--checkpoint``...: any
+    Options field with ``cli`` metadata) and of each ``--set KEY=VALUE`` (values parsed as JSON
+    when possible, else text), in command-line order within each kind."""
+    import json
+
+    from ..methods import list_methods
+
+    items: list[tuple[str, str, object]] = []
+    for flag, (f, _) in _option_flags(list_methods()).items():
+        value = getattr(args, f.name, None)  # subcommands without model flags (bench) lack them
+        if value is not None:
+            items.append((flag, f.name, value))
+    for item in getattr(args, "set", []) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            from ..errors import InvalidValueError
+
+            raise InvalidValueError(f"--set expects KEY=VALUE; got '{item}'")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        items.append(("--set", key.strip().replace("-", "_"), parsed))
+    return items
+
+
+def _model_check(ns: argparse.Namespace, default_method) -> str | None:
+    """Checks across the model options, after parsing: nothing a saved --detector records is given
+    with it; otherwise every method option fits every chosen method. Fills in the defaults of
+    --method and --init-seed (None = not given, so that --detector can tell)."""
+    if ns.detector:
+        given = [flag for dest, flag in _RECORDED.items() if getattr(ns, dest, None) not in (None, [])]
+        given += [flag for flag, _, _ in option_items(ns) if flag != "--set"]
+        if given:
+            return (f"argument {given[0]}: not allowed with --detector, whose file records the method, backbone, "
+                    "image size and method options; leave it out, or build a new detector without --detector "
+                    "(with --detector: --pretrained, --quick-gelu, --device, --precision, --batch-size and --compile)")
+        return None
+    if ns.method is None:
+        ns.method = default_method
+    if ns.init_seed is None:
+        ns.init_seed = 0
+    methods = ns.method if isinstance(ns.method, list) else [ns.method]
+    items = option_items(ns)
+    if ns.image_size is not None:
+        items.append(("--image-size", "image_size", ns.image_size))
+    if getattr(ns, "precision", None):
+        items.append(("--precision", "precision", ns.precision))
+    return check_method_options(methods, items)
+
+
+def add_dataset_args(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    """--dataset/--root and each layout's own options (shared by eval, train and calibrate).
+    Registers :func:`_dataset_check` on ``p``. ``optional``: --dataset may be left out (the
+    subcommand takes other inputs instead, as calibrate's images; --class-name then names theirs)."""
     g = p.add_argument_group("dataset")
-    g.add_argument("--dataset", required=True, choices=["mvtec", "visa", "meta", "folder"], help="dataset layout")
-    g.add_argument("--root", required=True, help="dataset root directory")
-    g.add_argument("--normal-dir", action="append", default=[], help="folder layout: a normal-image directory under --root (repeatable)")
-    g.add_argument("--abnormal-dir", action="append", default=[], help="folder layout: an anomalous-image directory under --root (repeatable)")
-    g.add_argument("--mask-dir", action="append", default=[], help="folder layout: mask directory, masks matched by file stem (repeatable)")
-    g.add_argument("--class-name", default=None, help="folder layout: class name (default: the root folder's name)")
-    g.add_argument("--meta-path", default=None, help="meta layout: path of meta.json (default: ROOT/meta.json)")
-    g.add_argument("--split-csv", default=None, help="visa layout: split file (default: ROOT/split_csv/1cls.csv)")
+    g.add_argument("--dataset", required=not optional, choices=["mvtec", "visa", "meta", "folder"], help="dataset layout")
+    g.add_argument("--root", required=not optional, type=existing_dir, help="dataset root directory")
+    g.add_argument("--normal-dir", action="append", default=[], type=non_empty,
+                   help="folder layout: a normal-image directory under --root (repeatable)")
+    g.add_argument("--abnormal-dir", action="append", default=[], type=non_empty,
+                   help="folder layout: an anomalous-image directory under --root (repeatable)")
+    g.add_argument("--mask-dir", action="append", default=[], type=non_empty,
+                   help="folder layout: mask directory under --root, masks matched by file stem (repeatable)")
+    g.add_argument("--class-name", default=None, type=non_empty, help="folder layout: class name (default: the root folder's name)")
+    g.add_argument("--meta-path", default=None, type=existing_file, help="meta layout: path of meta.json (default: ROOT/meta.json)")
+    g.add_argument("--split-csv", default=None, type=existing_file,
+                   help="visa layout: split file (default: ROOT/split_csv/1cls.csv)")
+    checks = getattr(p, "checks", None)
+    if checks is not None:
+        checks.append(_dataset_check)
+
+
+#: dest -> (flag, the --dataset layout it belongs to)
+_LAYOUT_OPTIONS = {"normal_dir": ("--normal-dir", "folder"), "abnormal_dir": ("--abnormal-dir", "folder"),
+                   "mask_dir": ("--mask-dir", "folder"), "class_name": ("--class-name", "folder"),
+                   "meta_path": ("--meta-path", "meta"), "split_csv": ("--split-csv", "visa")}
+
+
+def _dataset_check(ns: argparse.Namespace) -> str | None:
+    """A layout's options only with that layout; the folder layout's directories exist under --root."""
+    if ns.dataset is None:  # an optional dataset left out: none of its options (--class-name names the inputs' class)
+        given = ["--root"] if ns.root is not None else []
+        given += [flag for dest, (flag, _) in _LAYOUT_OPTIONS.items()
+                  if dest != "class_name" and getattr(ns, dest) not in (None, [])]
+        return f"argument {given[0]}: only with --dataset; leave it out" if given else None
+    for dest, (flag, layout) in _LAYOUT_OPTIONS.items():
+        if getattr(ns, dest) not in (None, []) and ns.dataset != layout:
+            return f"argument {flag}: only for --dataset {layout} (got --dataset {ns.dataset}); leave it out"
+    if ns.root is None:
+        return "argument --root: required with --dataset"
+    if ns.dataset != "folder":
+        return None
+    if not ns.normal_dir and not ns.abnormal_dir:
+        return "argument --normal-dir/--abnormal-dir: --dataset folder needs at least one (relative to --root)"
+    for dest in ("normal_dir", "abnormal_dir", "mask_dir"):
+        for d in getattr(ns, dest):
+            if not (Path(ns.root) / d).is_dir():
+                return f"argument {_LAYOUT_OPTIONS[dest][0]}: no directory '{d}' under --root '{ns.root}'"
+    return None
 
 
 def dataset_from_args(args: argparse.Namespace):
     """The :class:`~clipad.data.AnomalyDataset` that :func:`add_dataset_args` options name."""
     from ..data import create_dataset
-    from ..errors import ClipadError
 
     opts: dict = {}
     if args.dataset == "folder":
-        if not args.normal_dir and not args.abnormal_dir:
-            raise ClipadError("--dataset folder needs --normal-dir and/or --abnormal-dir (relative to --root)")
         opts = {"normal_dirs": args.normal_dir, "abnormal_dirs": args.abnormal_dir,
                 "mask_dirs": args.mask_dir, "class_name": args.class_name}
     elif args.dataset == "meta" and args.meta_path:
@@ -199,35 +609,23 @@ def dataset_from_args(args: argparse.Namespace):
 
 
 def method_options(args: argparse.Namespace) -> dict:
-    """Method options from the option flags (``--checkpoint``...: any
-    Options field with ``cli`` metadata) and ``--set KEY=VALUE``; unset flags are left out."""
-    import json
-
-    from ..errors import ClipadError
-    from ..methods import list_methods
-
-    opts: dict = {}
-    for f, _ in _option_flags(list_methods()).values():
-        value = getattr(args, f.name, None)  # subcommands without model flags (bench) lack them
-        if value is not None:
-            opts[f.name] = value
-    for item in getattr(args, "set", []) or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ClipadError(f"--set expects KEY=VALUE; got '{item}'")
-        try:
-            opts[key.strip().replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            opts[key.strip().replace("-", "_")] = value
-    return opts
+    """Method options from the option flags (``--checkpoint``...: any Options field with ``cli``
+    metadata) and ``--set KEY=VALUE``; unset flags are left out."""
+    return {key: value for _, key, value in option_items(args)}
 
 
 def build_detector(args: argparse.Namespace):
+    """The detector the model options name: ``--detector FILE`` restored (with ``--pretrained``
+    and ``--quick-gelu`` applied to its backbone), or a new one."""
     from .. import api
 
     precision = getattr(args, "precision", None)
+    quick_gelu = {"on": True, "off": False}.get(getattr(args, "quick_gelu", "auto"))
     if args.detector:
-        det = api.load_detector(args.detector, device=args.device)
+        kwargs = {} if args.pretrained is None else {"pretrained": pretrained_value(args.pretrained)}
+        if quick_gelu is not None:
+            kwargs["quick_gelu"] = quick_gelu
+        det = api.load_detector(args.detector, device=args.device, **kwargs)
         if precision:
             det.precision = precision
     else:
@@ -237,14 +635,29 @@ def build_detector(args: argparse.Namespace):
         if precision:
             kwargs["precision"] = precision
         if args.pretrained is not None:
-            kwargs["pretrained"] = _pretrained_arg(args.pretrained)
-        if getattr(args, "quick_gelu", "auto") != "auto":
-            kwargs["quick_gelu"] = args.quick_gelu == "on"
+            kwargs["pretrained"] = pretrained_value(args.pretrained)
+        if quick_gelu is not None:
+            kwargs["quick_gelu"] = quick_gelu
+        seed = args.init_seed or 0
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*randomly initialised.*")
-            det = api.create_detector(args.method, backbone=args.backbone, device=args.device, seed=args.init_seed, **kwargs)
+            det = api.create_detector(args.method, backbone=args.backbone, device=args.device, seed=seed, **kwargs)
         if det.backbone.pretrained is None:
-            report(f"note: backbone '{det.backbone.name}' has random weights (seed {args.init_seed}); scores are for testing only")
+            report(f"note: backbone '{det.backbone.name}' has random weights (seed {seed}); scores are for testing only")
     if getattr(args, "compile", False):
         det.compile()
     return det
+
+
+def add_max_image_pixels_arg(p: argparse.ArgumentParser) -> None:
+    """``--max-image-pixels MP`` of the subcommands that read image files (predict, eval): the
+    name and unit of serve's per-image budget; :func:`max_image_pixels` turns it into pixels."""
+    p.add_argument("--max-image-pixels", type=positive_float, default=None, metavar="MP",
+                   help="largest width*height of an input image, in megapixels, checked before decoding; larger "
+                   "files are reported and skipped (default: Pillow's decompression-bomb limit, about 179 MP)")
+
+
+def max_image_pixels(args: argparse.Namespace) -> int | None:
+    """``--max-image-pixels`` in pixels, the ``max_pixels`` of the image readers (None: Pillow's limit)."""
+    mp = getattr(args, "max_image_pixels", None)
+    return None if mp is None else max(1, round(mp * 1_000_000))

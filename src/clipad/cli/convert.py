@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .common import backbone_name, existing_file, output_file, pretrained_source, pretrained_value
+
 
 def add_convert_parser(sub) -> None:
     from ..methods.registry import list_converters
@@ -17,10 +19,10 @@ def add_convert_parser(sub) -> None:
     )
     p.add_argument("--from", dest="source", required=True, choices=sources,
                    help="which official code wrote the file (the method of that name)")
-    p.add_argument("input", metavar="OFFICIAL.pth", help="the official checkpoint")
-    p.add_argument("output", metavar="OUT.safetensors", help="the clipad checkpoint to write")
-    p.add_argument("--backbone", default=None, help="backbone recorded in the header (default: the paper's)")
-    p.add_argument("--pretrained", default=None,
+    p.add_argument("input", metavar="OFFICIAL.pth", type=existing_file, help="the official checkpoint")
+    p.add_argument("output", metavar="OUT.safetensors", type=output_file, help="the clipad checkpoint to write")
+    p.add_argument("--backbone", type=backbone_name, default=None, help="backbone recorded in the header (default: the paper's)")
+    p.add_argument("--pretrained", type=pretrained_source, default=None,
                    help="weights recorded in the header: an open_clip tag or a file (default: the paper's, e.g. openai)")
     p.set_defaults(func=cmd_convert)
 
@@ -28,7 +30,7 @@ def add_convert_parser(sub) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {"backbone": args.backbone}
     if args.pretrained is not None:
-        kwargs["pretrained"] = None if args.pretrained.lower() in ("none", "random") else args.pretrained
+        kwargs["pretrained"] = pretrained_value(args.pretrained)
     from ..convert import convert_checkpoint
 
     out = convert_checkpoint(args.source, args.input, args.output, **kwargs)

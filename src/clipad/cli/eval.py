@@ -5,7 +5,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_dataset_args, add_model_args, build_detector, dataset_from_args, report
+from .common import (
+    add_dataset_args,
+    add_max_image_pixels_arg,
+    add_model_args,
+    build_detector,
+    dataset_from_args,
+    device,
+    max_image_pixels,
+    non_empty,
+    non_negative_int,
+    output_dir,
+    positive_int,
+    report,
+    seed_int,
+)
 
 
 def add_eval_parser(sub) -> None:
@@ -18,22 +32,28 @@ def add_eval_parser(sub) -> None:
     )
     add_dataset_args(p)
     add_model_args(p, multi_method=True)
-    p.add_argument("--shots", type=int, default=0, help="k normal reference images per class (default 0: zero-shot)")
-    p.add_argument("--seed", type=int, default=10,
+    p.add_argument("--shots", type=non_negative_int, default=0,
+                   help="k normal reference images per class (default 0: zero-shot); drawn with replacement, "
+                   "as the official protocol: a class with fewer normal images repeats some (a warning says so)")
+    p.add_argument("--seed", type=seed_int, default=10,
                    help="reference sampling seed (default 10; the official AdaptCLIP scripts use 10, 20, 30)")
-    p.add_argument("--classes", nargs="+", default=None, help="evaluate only these classes")
-    p.add_argument("--out", default="clipad_eval", help="output directory (default: clipad_eval)")
-    p.add_argument("--eval-size", type=int, default=None, help="map/mask size for pixel metrics (default: the model input size)")
+    p.add_argument("--classes", nargs="+", action="extend", type=non_empty, default=None,
+                   help="evaluate only these classes (repeatable)")
+    p.add_argument("--out", default="clipad_eval", type=output_dir,
+                   help="output directory, created if missing (default: clipad_eval)")
+    p.add_argument("--eval-size", type=positive_int, default=None, help="map/mask size for pixel metrics (default: the model input size)")
     p.add_argument("--resize", default="torch", choices=["torch", "pil"],
                    help="how images and masks reach the model/eval size: torch (default: as predict, antialiased bicubic "
                    "on tensors, masks nearest) or pil (as the official AnomalyCLIP/AdaptCLIP test scripts: PIL bicubic "
                    "images, PIL bilinear masks binarised at 0.5: use it to reproduce paper numbers)")
     p.add_argument("--protocol", default="anomalyclip", choices=sorted(metrics_mod.PROTOCOLS),
                    help="metric definitions preset (default: anomalyclip, the official evaluation code)")
-    p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (default: 2)")
-    p.add_argument("--metrics-device", default=None,
+    p.add_argument("--workers", type=non_negative_int, default=2,
+                   help="image-decoding worker processes, 0: in this process (default: 2)")
+    p.add_argument("--metrics-device", type=device, default=None,
                    help="where pixel metrics are computed (default: the detector's device; 'cpu' saves GPU memory)")
-    p.add_argument("--examples", type=int, default=3, help="highest- and lowest-scoring images per class in the report")
+    p.add_argument("--examples", type=non_negative_int, default=3, help="highest- and lowest-scoring images per class in the report")
+    add_max_image_pixels_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
@@ -44,15 +64,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..eval.run import format_table, run, table_rows, write_outputs
 
     dataset = dataset_from_args(args)
+    # with --detector: the saved detector, named by its own method (args.method is None then)
     methods = args.method if isinstance(args.method, list) else [args.method]
     any_failed = False
     for method in methods:
         ns = argparse.Namespace(**{**vars(args), "method": method})
         det = build_detector(ns)
+        method = det.name
         result = run(
             det, dataset, classes=args.classes, shots=args.shots, seed=args.seed, eval_size=args.eval_size,
             batch_size=args.batch_size, workers=args.workers, protocol=args.protocol, n_examples=args.examples,
             quiet=args.quiet, metrics_device=args.metrics_device, resize=args.resize,
+            max_pixels=max_image_pixels(args),
         )
         if not result.classes:
             report(f"{method}: no image could be evaluated")

@@ -1,5 +1,9 @@
 """``clipad predict``: score image files and folders; scores.csv plus a heatmap per image.
 
+With thresholds (a detector from ``clipad calibrate``, or ``--threshold`` / ``--pixel-threshold``)
+scores.csv gains a ``label`` column (1 anomalous, 0 normal) and each image a mask,
+``masks/<name>.png`` (255 anomalous, 0 normal), named as its heatmap.
+
 Outputs are never lost to an output error: ``scores.csv`` is appended as images are scored
 (header first, flushed after every batch, so an interrupted run keeps every row scored so far);
 each heatmap and map is written atomically (a temporary file renamed into place); one that
@@ -16,10 +20,23 @@ import os
 import sys
 from pathlib import Path
 
-from .common import EXIT_FAILED_INPUTS, EXIT_OK, add_model_args, build_detector, report
+from .common import (
+    EXIT_FAILED_INPUTS,
+    EXIT_OK,
+    add_max_image_pixels_arg,
+    add_model_args,
+    build_detector,
+    existing_path,
+    finite_float,
+    max_image_pixels,
+    non_empty,
+    output_dir,
+    report,
+)
 
 #: Columns of scores.csv; ``path`` and ``score`` stay first so readers of the older two-column
 #: file keep working. ``heatmap``: the overlay's path relative to --out (empty if not written).
+#: With an image threshold (calibrated, or --threshold) a ``label`` column follows: 1 anomalous, 0 normal.
 SCORES_COLUMNS = ("path", "score", "heatmap")
 
 # Output names are cut to this many bytes (before "_<n>.png"), within the usual 255-byte limit.
@@ -70,31 +87,31 @@ def _list_inputs(item: str, reference: bool = False) -> list[Path]:
     return found
 
 
-def _load_batch(paths: list[Path]):
+def _load_batch(paths: list[Path], max_pixels: int | None = None):
     from ..errors import ImageReadError
     from ..data.images import load_image
 
     ok, images, errors = [], [], []
     for p in paths:
         try:
-            images.append(load_image(p))
+            images.append(load_image(p, max_pixels=max_pixels))
             ok.append(p)
         except ImageReadError as exc:
             errors.append(exc)
     return ok, images, errors
 
 
-def _prefetched_batches(paths: list[Path], batch_size: int):
+def _prefetched_batches(paths: list[Path], batch_size: int, max_pixels: int | None = None):
     """(paths, PIL images, read errors) per batch; the next batch is decoded in a background
     thread while the caller scores the current one (PIL releases the GIL while decoding)."""
     from concurrent.futures import ThreadPoolExecutor
 
     chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_load_batch, chunks[0]) if chunks else None
+        pending = pool.submit(_load_batch, chunks[0], max_pixels) if chunks else None
         for i in range(len(chunks)):
             batch = pending.result()
-            pending = pool.submit(_load_batch, chunks[i + 1]) if i + 1 < len(chunks) else None
+            pending = pool.submit(_load_batch, chunks[i + 1], max_pixels) if i + 1 < len(chunks) else None
             yield batch
 
 
@@ -107,24 +124,24 @@ class _ScoresCSV:
     file is cut back to its last complete row and later rows are not attempted (one error line).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, columns: tuple[str, ...] = SCORES_COLUMNS) -> None:
         self.path = path
         self.rows = 0
         self.error: str | None = None
-        self._pending: list[tuple[str, str, str]] = []
+        self._pending: list[tuple[str, ...]] = []
         self._file = open(path, "wb")  # bytes: the text is encoded as UTF-8 whatever the locale
         try:  # the header, or OSError: a file that cannot take its header is not worth a run
-            self._file.write((",".join(SCORES_COLUMNS) + "\r\n").encode("utf-8"))
+            self._file.write((",".join(columns) + "\r\n").encode("utf-8"))
             self._file.flush()
         except OSError:
             self._file.close()
             raise
         self._good = self._file.tell()
 
-    def add(self, path: Path, score: float, heatmap: str) -> None:
+    def add(self, path: Path, score: float, heatmap: str, *more: str) -> None:
         from ..eval.files import display_path
 
-        self._pending.append((display_path(path), f"{score:.6f}", heatmap))
+        self._pending.append((display_path(path), f"{score:.6f}", heatmap, *more))
 
     def flush(self) -> None:
         rows, self._pending = self._pending, []
@@ -161,6 +178,37 @@ class _ScoresCSV:
             pass
 
 
+def _decisions(det, args: argparse.Namespace) -> tuple[bool, bool]:
+    """(labels?, masks?): whether an image / pixel threshold applies, the detector's calibrated
+    ones for --class-name or --threshold / --pixel-threshold; a note when the detector's
+    thresholds are for other classes only."""
+    th = det.thresholds_for(args.class_name)
+    if th is None and det.thresholds:
+        from ..eval.files import display_text
+
+        classes = ", ".join(repr(display_text(c)) for c in sorted(det.thresholds))
+        report(f"note: the detector's thresholds are for class(es) {classes}, none for "
+               f"'{display_text(args.class_name or 'object')}': no labels unless given --class-name or --threshold")
+    return (args.threshold is not None or (th is not None and th.image is not None),
+            args.pixel_threshold is not None or (th is not None and th.pixel is not None))
+
+
+def _write_mask(path: Path, mask) -> int:
+    """masks/<name>.png: the bool mask [H, W] as an 8-bit PNG, 255 = anomalous; 1 if not written."""
+    import numpy as np
+    from PIL import Image
+
+    from ..eval.files import atomic_write, write_error_message
+
+    try:
+        with atomic_write(path, "wb") as f:
+            Image.fromarray(mask.astype(np.uint8) * 255).save(f, format="PNG")
+        return 0
+    except OSError as exc:
+        report(write_error_message(path, exc))
+        return 1
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
@@ -193,7 +241,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for item in args.reference:
             for p in _list_inputs(item, reference=True):
                 try:
-                    refs.append(load_image(p))
+                    refs.append(load_image(p, max_pixels=max_image_pixels(args)))
                     ref_paths.append(p)
                 except ImageReadError as exc:
                     report(f"reference {exc}; skipped")
@@ -208,21 +256,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
         (out / "heatmaps").mkdir(parents=True, exist_ok=True)
         if args.save_maps:
             (out / "maps").mkdir(parents=True, exist_ok=True)
-        scores = _ScoresCSV(out / "scores.csv")
+        labelled, masked = _decisions(det, args)
+        if masked:
+            (out / "masks").mkdir(parents=True, exist_ok=True)
+        scores = _ScoresCSV(out / "scores.csv", SCORES_COLUMNS + (("label",) if labelled else ()))
     except OSError as exc:  # nothing could be saved: stop before scoring anything
         report(f"{write_error_message(exc.filename or out, exc)}; choose another --out")
         return EXIT_FAILED_INPUTS
 
-    output_failures = 0
+    output_failures = anomalous = 0
     used: set[str] = set()
     bar = tqdm(total=len(paths), desc=f"{det.name}", unit="img", file=sys.stderr, disable=args.quiet)
     try:
-        for batch_paths, images, errors in _prefetched_batches(paths, args.batch_size):
+        for batch_paths, images, errors in _prefetched_batches(paths, args.batch_size, max_image_pixels(args)):
             for exc in errors:
                 report(f"{exc}; skipped")
                 failures += 1
             if images:
-                pred = det.predict(images, class_name=args.class_name, batch_size=args.batch_size)
+                pred = det.predict(images, class_name=args.class_name, batch_size=args.batch_size,
+                                   threshold=args.threshold, pixel_threshold=args.pixel_threshold)
                 for i, (p, img) in enumerate(zip(batch_paths, images)):
                     amap = pred.anomaly_maps[i].numpy()
                     score = float(pred.image_scores[i])
@@ -244,7 +296,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
                         except OSError as exc:
                             report(write_error_message(npy, exc))
                             output_failures += 1
-                    scores.add(p, score, heatmap_cell)
+                    if pred.masks is not None:
+                        output_failures += _write_mask(out / "masks" / f"{name}.png", pred.masks[i].numpy())
+                    if pred.labels is not None:
+                        anomalous += bool(pred.labels[i])
+                    scores.add(p, score, heatmap_cell, *([str(int(pred.labels[i]))] if labelled else []))
             scores.flush()
             bar.update(len(batch_paths) + len(errors))
     finally:
@@ -255,6 +311,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         output_failures += 1
     print(f"{scores.rows} image(s) scored -> {display_path(out / 'scores.csv')}, "
           f"heatmaps in {display_path(out / 'heatmaps')}")
+    if labelled:
+        print(f"{anomalous} labelled anomalous (label column)" + (f", masks in {display_path(out / 'masks')}" if masked else ""))
     if failures or output_failures:
         parts = [f"{failures} input(s) failed"] if failures else []
         parts += [f"{output_failures} output file(s) not written"] if output_failures else []
@@ -275,12 +333,39 @@ def add_predict_parser(sub) -> None:
                        description="Score images (files or directories) and write scores.csv plus a heatmap overlay per image.")
     p.add_argument("images", nargs="+", metavar="IMAGES_OR_DIRS", help="image files and/or directories (searched recursively)")
     add_model_args(p)
-    p.add_argument("--reference", nargs="+", metavar="GOOD", default=None,
-                   help="known-good reference images or directories (k-shot; methods with few-shot support)")
-    p.add_argument("--class-name", default=None, help="product name used in text prompts (default: 'object')")
-    p.add_argument("--out", default="clipad_out", help="output directory (default: clipad_out)")
+    p.add_argument("--reference", nargs="+", action="extend", type=existing_path, metavar="GOOD", default=None,
+                   help="known-good reference images or directories (k-shot; methods with few-shot support); "
+                   "takes every path after it, so give it after the images (predict IMAGES --reference GOOD...) "
+                   "or end its list with --; repeatable")
+    p.add_argument("--class-name", default=None, type=non_empty, help="product name used in text prompts (default: 'object')")
+    p.add_argument("--out", default="clipad_out", type=output_dir,
+                   help="output directory, created if missing (default: clipad_out)")
     p.add_argument("--save-maps", action="store_true", help="also save each raw anomaly map as maps/<name>.npy (float32, image size)")
-    p.add_argument("--vmin", type=float, default=None, help="colour scale minimum of heatmaps (default: per image)")
-    p.add_argument("--vmax", type=float, default=None, help="colour scale maximum of heatmaps (default: per image)")
+    p.add_argument("--vmin", type=finite_float, default=None,
+                   help="colour scale minimum of heatmaps, below --vmax (default: per image)")
+    p.add_argument("--vmax", type=finite_float, default=None, help="colour scale maximum of heatmaps (default: per image)")
+    p.add_argument("--threshold", type=finite_float, default=None,
+                   help="score at or above which an image is labelled anomalous: a 'label' column (1/0) in scores.csv "
+                   "(default: the detector's calibrated threshold, see clipad calibrate; else no labels)")
+    p.add_argument("--pixel-threshold", type=finite_float, default=None,
+                   help="map value at or above which a pixel is anomalous: masks/<name>.png (255 anomalous, 0 normal) "
+                   "(default: the detector's calibrated pixel threshold; else no masks)")
+    add_max_image_pixels_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
+    p.checks.append(_check_colour_scale)
+    p.hints.append(_hint_swallowed_images)
+
+
+def _check_colour_scale(ns: argparse.Namespace) -> str | None:
+    if ns.vmin is not None and ns.vmax is not None and not ns.vmin < ns.vmax:
+        return f"argument --vmin/--vmax: --vmin must be below --vmax; got --vmin {ns.vmin:g} --vmax {ns.vmax:g}"
+    return None
+
+
+def _hint_swallowed_images(message: str, ns: argparse.Namespace | None) -> str | None:
+    """No images but a --reference list: it took the paths meant as images (nargs '+')."""
+    if "IMAGES_OR_DIRS" in message and "required" in message and ns is not None and getattr(ns, "reference", None):
+        return (f"argument IMAGES_OR_DIRS: none given: --reference took every path after it "
+                f"({', '.join(ns.reference)}); give the images before --reference, or end its list with --")
+    return None

@@ -5,10 +5,21 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ClipadError
-from ..methods import get_method
 from ..methods.base import LearnedDetector
 from ..methods.registry import learned_methods
-from .common import add_dataset_args, add_model_args, build_detector, dataset_from_args, report
+from .common import (
+    add_dataset_args,
+    add_model_args,
+    build_detector,
+    dataset_from_args,
+    non_empty,
+    non_negative_int,
+    output_dir,
+    positive_float,
+    positive_int,
+    report,
+    seed_int,
+)
 
 DEFAULT_METHOD = "anomalyclip"
 
@@ -21,18 +32,20 @@ def add_train_parser(sub) -> None:
         "(load with clipad.load_detector or --detector), per-epoch resumable checkpoints and CSV/JSON logs.",
     )
     add_dataset_args(p)
-    add_model_args(p, methods=learned_methods(), default_method=DEFAULT_METHOD)
+    add_model_args(p, methods=learned_methods(), default_method=DEFAULT_METHOD, why_not="has nothing to train")
     p.set_defaults(batch_size=None)
-    p.add_argument("--out", required=True, help="output directory (checkpoints, logs, final detector)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the method's, 15 for anomalyclip)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the method's, 1e-3)")
-    p.add_argument("--seed", type=int, default=None, help="seed of prompt init and sample order (default: the method's, 111)")
+    p.add_argument("--out", required=True, type=output_dir, help="output directory (checkpoints, logs, final detector)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="epochs (default: the method's, 15 for anomalyclip)")
+    p.add_argument("--lr", type=positive_float, default=None, help="Adam learning rate (default: the method's, 1e-3)")
+    p.add_argument("--seed", type=seed_int, default=None, help="seed of prompt init and sample order (default: the method's, 111)")
     p.add_argument("--split", default="test", choices=["test", "train", "all"],
                    help="which split of the dataset to train on (default: test, the official protocol)")
-    p.add_argument("--classes", nargs="+", default=None, help="train only on these classes")
+    p.add_argument("--classes", nargs="+", action="extend", type=non_empty, default=None,
+                   help="train only on these classes (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete epoch checkpoint in --out")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
-    p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (default: 2)")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (smoke runs)")
+    p.add_argument("--workers", type=non_negative_int, default=2,
+                   help="image-decoding worker processes, 0: in this process (default: 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -40,9 +53,6 @@ def add_train_parser(sub) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from ..train.loop import TrainConfig, fit
 
-    if not args.detector and not issubclass(get_method(args.method), LearnedDetector):
-        raise ClipadError(f"method '{args.method}' has nothing to train; methods with learned weights: "
-                          f"{', '.join(learned_methods())}")
     dataset = dataset_from_args(args)
     if args.classes:
         dataset = dataset.filter(class_name=args.classes)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..backbones.clip import Backbone
-from ..errors import ClipadError
+from ..errors import ClipadError, shorten
 
 PLACEHOLDER = "X"
 # (normal, abnormal) object-agnostic learned prompts: "object" stands for every class
@@ -149,7 +149,8 @@ class LearnablePrompts(nn.Module):
         ids = backbone.tokenizer(filled).cpu()
         placeholder = backbone.tokenizer([PLACEHOLDER]).cpu()[0, 1]
         if not bool((ids[:, 1 : 1 + n_ctx] == placeholder).all()):
-            raise ClipadError(f"the tokenizer of '{backbone.name}' does not give one token per context slot in {filled}")
+            raise ClipadError(f"the tokenizer of '{backbone.name}' does not give one token per context slot in "
+                              f"{shorten(filled, 200)} (n_ctx={n_ctx} leaves no room in the text context?)")
         eot = ids.argmax(dim=-1)
         length = int(eot.max()) + 1
         self.register_buffer("token_ids", ids[:, :length].contiguous(), persistent=False)

@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -37,6 +38,19 @@ PathLike = str | os.PathLike[str]
 
 # Pillow modes holding one channel of 16-bit unsigned integers.
 _UINT16_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+
+# Pillow checks its decompression-bomb limit against one process-wide setting
+# (PIL.Image.MAX_IMAGE_PIXELS), with no per-call override. A read with its own max_pixels switches
+# that setting off while it runs (its own check, from the header, replaces Pillow's), under this
+# lock, which a read with Pillow's limit also holds while opening, so it never sees it off.
+_PILLOW_LIMIT = threading.Lock()
+
+# How a limit is raised, in both of clipad's vocabularies: the message may reach a terminal
+# through an evaluation's worker process, where nothing knows which front end is in use.
+_RAISE_LIMIT = (
+    "if the file is trusted, raise the limit (command line: --max-image-pixels MP; Python: the "
+    "max_pixels=N argument of clipad.data.images.load_image, clipad.data.make_loader or clipad.eval.run.run)"
+)
 
 
 def list_images(
@@ -106,7 +120,7 @@ def _images_under(directory: Path, skipped: list[Path] | None = None) -> list[Pa
     return sorted(found, key=lambda p: p.parts)
 
 
-def load_image(path: PathLike) -> Image.Image:
+def load_image(path: PathLike, *, max_pixels: int | None = None) -> Image.Image:
     """Read an image file as 8-bit RGB, upright.
 
     Conversions:
@@ -126,12 +140,18 @@ def load_image(path: PathLike) -> Image.Image:
 
     The whole file is decoded here (Pillow otherwise decodes lazily), so a truncated or
     corrupt file fails now, with its name, instead of deep inside a batch. Truncated images
-    are never silently accepted (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone), and
-    Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``; an 8000x8000 image is
-    well inside it) is reported as an error, not disabled.
+    are never silently accepted (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone), and an
+    image over the size limit is reported as an error, never decoded.
+
+    The size limit (decompression bombs: a small file can declare a gigapixel image): by default
+    Pillow's, which refuses more than twice ``PIL.Image.MAX_IMAGE_PIXELS`` (about 179 MP; an
+    8000x8000 image is well inside it) and warns above it; ``max_pixels=N`` replaces it by
+    clipad's own check of ``width * height <= N`` from the file's header, before decoding, for
+    this read only (lower or higher than Pillow's, whatever ``PIL.Image.MAX_IMAGE_PIXELS`` says).
 
     Args:
         path: the image file.
+        max_pixels: largest accepted ``width * height``; None = Pillow's limit.
 
     Returns:
         A ``PIL.Image.Image`` in mode ``"RGB"``, detached from the file (no handle stays open).
@@ -140,7 +160,7 @@ def load_image(path: PathLike) -> Image.Image:
         ImageReadError: missing file, directory, empty file, not an image, truncated or
             corrupt data, image too large, or a pixel mode that cannot be converted.
     """
-    image = _read_pixels(path)
+    image = _read_pixels(path, max_pixels)
     try:
         return _to_rgb(image)
     except (ValueError, OSError) as exc:
@@ -152,6 +172,7 @@ def load_mask(
     size: tuple[int, int] | None = None,
     *,
     threshold: float | None = None,
+    max_pixels: int | None = None,
 ) -> np.ndarray:
     """Read a ground-truth mask as a boolean array (True = anomalous pixel).
 
@@ -184,6 +205,7 @@ def load_mask(
         size: ``(H, W)`` of the image the mask belongs to, or None to keep the mask's size.
         threshold: fraction of the value range above which a pixel is anomalous, or None
             for the rule above.
+        max_pixels: size limit, as for :func:`load_image`.
 
     Returns:
         ``np.ndarray`` of dtype bool and shape ``[H, W]``.
@@ -191,7 +213,7 @@ def load_mask(
     Raises:
         ImageReadError: the file cannot be read (same reasons as :func:`load_image`).
     """
-    image = _read_pixels(path)
+    image = _read_pixels(path, max_pixels)
     values, full_range = _mask_values(image)
     mask = _binarise(values, full_range, threshold, str(path))
     if size is not None:
@@ -213,8 +235,9 @@ def load_mask(
 # --------------------------------------------------------------------------- reading
 
 
-def _read_pixels(path: PathLike) -> Image.Image:
-    """Open ``path``, decode all of its pixels and close the file; errors as ImageReadError."""
+def _read_pixels(path: PathLike, max_pixels: int | None = None) -> Image.Image:
+    """Open ``path``, decode all of its pixels and close the file; errors as ImageReadError.
+    ``max_pixels``: clipad's own size limit, None = Pillow's (see :func:`load_image`)."""
     name = str(path)
     p = Path(path)
     if p.is_dir():
@@ -228,15 +251,30 @@ def _read_pixels(path: PathLike) -> Image.Image:
     if nbytes == 0:
         raise ImageReadError(name, "empty file (0 bytes)")
     try:
-        with Image.open(p) as image:
-            image.load()
-            # Orientation is read from the original: later conversions may drop the EXIF block.
-            return _apply_orientation(image, name)
+        if max_pixels is None:
+            with _PILLOW_LIMIT:  # Pillow checks the declared size while opening
+                image = Image.open(p)
+            with image:
+                return _decode(image, name)
+        with _PILLOW_LIMIT:
+            pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                with Image.open(p) as image:
+                    width, height = image.size
+                    if width * height > max_pixels:
+                        raise ImageReadError(
+                            name, f"image too large: {width}x{height} pixels ({width * height / 1e6:.3g} MP) is over "
+                            f"the limit of {max_pixels:,} pixels ({max_pixels / 1e6:g} MP); {_RAISE_LIMIT}",
+                        )
+                    return _decode(image, name)
+            finally:
+                Image.MAX_IMAGE_PIXELS = pillow_limit
+    except ImageReadError:
+        raise
     except Image.DecompressionBombError as exc:
         raise ImageReadError(
-            name,
-            f"image too large ({exc}); if the file is trusted, raise "
-            "PIL.Image.MAX_IMAGE_PIXELS before loading it",
+            name, f"image too large ({exc}): over Pillow's decompression-bomb limit, twice "
+            f"PIL.Image.MAX_IMAGE_PIXELS; {_RAISE_LIMIT}",
         ) from exc
     except UnidentifiedImageError as exc:
         reason = "not an image file (cannot identify format)"
@@ -253,6 +291,12 @@ def _read_pixels(path: PathLike) -> Image.Image:
         raise ImageReadError(
             name, f"truncated or corrupt image data: {exc}; the file is {nbytes} bytes"
         ) from exc
+
+
+def _decode(image: Image.Image, name: str) -> Image.Image:
+    image.load()
+    # Orientation is read from the original: later conversions may drop the EXIF block.
+    return _apply_orientation(image, name)
 
 
 def _apply_orientation(image: Image.Image, name: str) -> Image.Image:

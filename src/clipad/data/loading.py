@@ -105,6 +105,8 @@ class SampleLoader(Dataset):
         transform: applied to each RGB ``PIL.Image`` (e.g. to a ``[3, H, W]`` tensor); None
             keeps the PIL image, so a detector can apply its own preprocessing.
         load_masks: False skips mask files (image-level evaluation only; masks are None).
+        max_pixels: size limit of images and masks (:func:`~clipad.data.images.load_image`);
+            None = Pillow's. Held here, so worker processes get it whatever their start method.
     """
 
     def __init__(
@@ -112,10 +114,12 @@ class SampleLoader(Dataset):
         samples: Sequence[Sample],
         transform: Callable[[Image.Image], Any] | None = None,
         load_masks: bool = True,
+        max_pixels: int | None = None,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.load_masks = load_masks
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -123,7 +127,7 @@ class SampleLoader(Dataset):
     def __getitem__(self, index: int) -> LoadedSample | LoadFailure:
         sample = self.samples[index]
         try:
-            image = load_image(sample.image_path)
+            image = load_image(sample.image_path, max_pixels=self.max_pixels)
         except ImageReadError as exc:
             return LoadFailure(index, sample, exc.path, exc.reason)
         mask: torch.Tensor | None = None
@@ -133,7 +137,7 @@ class SampleLoader(Dataset):
                 mask = torch.zeros(size, dtype=torch.bool)
             elif sample.mask_path is not None:
                 try:
-                    mask = torch.from_numpy(load_mask(sample.mask_path, size=size))
+                    mask = torch.from_numpy(load_mask(sample.mask_path, size=size, max_pixels=self.max_pixels))
                 except ImageReadError as exc:
                     return LoadFailure(index, sample, exc.path, exc.reason)
         return LoadedSample(index, sample, self.transform(image) if self.transform else image, mask)
@@ -166,12 +170,15 @@ def make_loader(
     load_masks: bool = True,
     num_workers: int = 0,
     pin_memory: bool = False,
+    max_pixels: int | None = None,
 ) -> DataLoader:
     """A ``DataLoader`` of :class:`Batch` over ``samples`` in order (no shuffling); with
     ``num_workers`` > 0 images are decoded (and transformed) in worker processes while the
-    caller computes; ``pin_memory`` pins collated image tensors for asynchronous GPU copies."""
+    caller computes; ``pin_memory`` pins collated image tensors for asynchronous GPU copies;
+    ``max_pixels``: the size limit of every image and mask (None: Pillow's; see
+    :func:`~clipad.data.images.load_image`)."""
     return DataLoader(
-        SampleLoader(samples, transform=transform, load_masks=load_masks),
+        SampleLoader(samples, transform=transform, load_masks=load_masks, max_pixels=max_pixels),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,

@@ -113,6 +113,10 @@ def few_shot_split(
     Raises:
         UnknownNameError: the class is not in the dataset.
         ClipadError: no normal image to draw from.
+
+    Warns:
+        ClipadWarning: ``k`` is larger than the pool of normal images (references repeat; the
+        message says how many distinct ones were used), or the test split was drawn from.
     """
     samples = dataset.for_class(class_name)
     test = samples.filter(split="test")
@@ -120,7 +124,15 @@ def few_shot_split(
         return [], test
     pool = samples.filter(split="train", label=NORMAL)
     if len(pool):
-        return sample_references(pool, k, seed, replace=replace), test
+        references = sample_references(pool, k, seed, replace=replace)
+        if k > len(pool):  # drawn with replacement: some repeat, and the user may not know the pool is small
+            warnings.warn(
+                f"class {class_name!r} of {dataset.name}: {k} shots asked but it has only {len(pool)} normal "
+                f"training image(s); {len(set(references))} distinct image(s) used as its {k} references",
+                ClipadWarning,
+                stacklevel=2,
+            )
+        return references, test
     pool = test.filter(label=NORMAL)
     if not len(pool):
         raise ClipadError(
@@ -131,7 +143,8 @@ def few_shot_split(
     picked = set(references)
     warnings.warn(
         f"class {class_name!r} of {dataset.name} has no training split: {len(picked)} reference "
-        f"image(s) drawn from its {len(pool)} normal test images and removed from the test set",
+        f"image(s) drawn from its {len(pool)} normal test images and removed from the test set"
+        + (f" ({k} shots asked: the pool is smaller, so some references repeat)" if k > len(pool) else ""),
         ClipadWarning,
         stacklevel=2,
     )

@@ -130,6 +130,7 @@ __all__ = [
     "compute",
     "compute_per_class",
     "f1_max",
+    "f1_max_threshold",
     "label_regions",
     "mean_over_classes",
     "resolve_options",
@@ -347,10 +348,14 @@ def _average_precision(r: _Ranked, mode: APMode) -> float:
     return float((d_recall * (left + right) / 2).sum())
 
 
-def _f1_max(r: _Ranked) -> float:
+def _f1_curve(r: _Ranked) -> Tensor:
+    """[G] float64: F1 of the rule ``score >= u_g`` at each distinct anomalous score u_g."""
     # For a given TP, F1 = 2TP / (TP + FP + P) is largest at the fewest FP, i.e. at u_g.
-    f1 = 2 * r.tp.double() / (r.tp + r.neg_ge + r.pos.numel())
-    return float(f1.max())
+    return 2 * r.tp.double() / (r.tp + r.neg_ge + r.pos.numel())
+
+
+def _f1_max(r: _Ranked) -> float:
+    return float(_f1_curve(r).max())
 
 
 _CURVE_METRICS = ("auroc", "ap", "f1max")
@@ -546,6 +551,23 @@ def average_precision(scores: ArrayLike, labels: ArrayLike, mode: APMode = "step
 def f1_max(scores: ArrayLike, labels: ArrayLike) -> float:
     """Exact F1-max over all distinct thresholds. scores [M] float, labels [M] binary; NaN + warning without positives."""
     return _curve_metrics(_rank_samples(scores, labels), "", "samples", "step", ["f1max"])["f1max"]
+
+
+def f1_max_threshold(scores: ArrayLike, labels: ArrayLike) -> tuple[float, float]:
+    """(F1-max, its threshold) over all distinct thresholds: anomalib's adaptive threshold.
+
+    scores [M] float, labels [M] binary. The rule is ``score >= threshold`` = anomalous; F1 is
+    largest at some anomalous sample's score (between two of them only false positives change),
+    so the threshold is that score, exactly as stored in ``scores``; among equal F1 the highest
+    threshold (fewest flagged). (NaN, NaN) + warning without anomalous samples.
+    """
+    r = _rank_samples(scores, labels)
+    if r.pos.numel() == 0:
+        _undefined(["f1max threshold"], f"no anomalous samples (all {r.neg.numel()} are normal)")
+        return math.nan, math.nan
+    f1 = _f1_curve(r)
+    best = int(torch.argmax(f1))  # the first maximum: u_g descend, so the highest threshold
+    return float(f1[best]), float(r.values[best])
 
 
 def aupro(

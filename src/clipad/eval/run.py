@@ -102,14 +102,16 @@ def _resize_mask(mask: torch.Tensor, size: int, resize: str = "torch") -> torch.
 def evaluate_class(
     det, samples, class_name: str, *, eval_size: int, batch_size: int, workers: int,
     protocol: str, n_examples: int, progress, failures: list[str], metrics_device: str | None = None,
-    resize: str = "torch",
+    resize: str = "torch", max_pixels: int | None = None,
 ) -> ClassResult | None:
-    """Score one class's test samples and compute its metrics (``resize``: see the module docstring)."""
+    """Score one class's test samples and compute its metrics (``resize``: see the module docstring;
+    ``max_pixels``: the size limit of images and masks, None = Pillow's, see :func:`clipad.data.images.load_image`)."""
     from ..data import make_loader
 
     cuda = det.device.type == "cuda"
     loader = make_loader(
-        samples, batch_size, transform=_ToModelTensor(det.input_size, resize), num_workers=workers, pin_memory=cuda
+        samples, batch_size, transform=_ToModelTensor(det.input_size, resize), num_workers=workers, pin_memory=cuda,
+        max_pixels=max_pixels,
     )
     # scores and maps stay on the device until the class is done: no host synchronisation per batch
     scores, labels, maps, masks, known, kept = [], [], [], [], [], []
@@ -165,7 +167,7 @@ def evaluate_class(
         try:
             from ..data.images import load_image
 
-            img = load_image(smp.image_path).resize((eval_size, eval_size))
+            img = load_image(smp.image_path, max_pixels=max_pixels).resize((eval_size, eval_size))
         except ImageReadError:
             continue
         examples.append({
@@ -179,8 +181,14 @@ def evaluate_class(
 def run(
     det, dataset, *, classes: list[str] | None, shots: int, seed: int, eval_size: int | None,
     batch_size: int, workers: int, protocol: str, n_examples: int, quiet: bool, metrics_device: str | None = None,
-    resize: str = "torch",
+    resize: str = "torch", max_pixels: int | None = None,
 ) -> RunResult:
+    """Evaluate ``det`` on the test images of ``classes`` (default: all) of ``dataset``.
+
+    ``max_pixels``: largest ``width * height`` of any image, reference or mask read, checked
+    before decoding, in the worker processes too (None: Pillow's decompression-bomb limit; see
+    :func:`clipad.data.images.load_image`).
+    """
     from tqdm import tqdm
 
     from ..data import few_shot_split
@@ -201,13 +209,15 @@ def run(
         for cls, refs, test in plan:
             if shots:
                 try:
+                    from ..data.images import load_image
+
+                    images = [load_image(p, max_pixels=max_pixels) for p in refs]
                     if resize == "pil":  # as the test images; tensors at the model size are not resized again
-                        from ..data.images import load_image
                         from ..data.official import pil_resize_to_tensor
 
-                        det.set_reference([pil_resize_to_tensor(load_image(p), det.model_size) for p in refs], class_name=cls)
+                        det.set_reference([pil_resize_to_tensor(img, det.model_size) for img in images], class_name=cls)
                     else:
-                        det.set_reference([str(p) for p in refs], class_name=cls)
+                        det.set_reference(images, class_name=cls)
                 except ImageReadError as exc:
                     failures.append(f"reference {exc}; class '{cls}' skipped")
                     warnings.warn(failures[-1], SkippedInputWarning, stacklevel=2)
@@ -217,6 +227,7 @@ def run(
             res = evaluate_class(
                 det, test, cls, eval_size=eval_size, batch_size=batch_size, workers=workers, metrics_device=metrics_device,
                 protocol=protocol, n_examples=n_examples, progress=bar, failures=failures, resize=resize,
+                max_pixels=max_pixels,
             )
             if shots:
                 det.clear_reference(cls)

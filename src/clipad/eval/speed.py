@@ -1,10 +1,12 @@
 """``clipad bench``: throughput of each method next to the bare backbone forward.
 
-Random weights by default (same compute as real ones, no download). For each batch size:
-warm-up calls, then ``--repeats`` timed calls of the method on a device-resident, normalised
-batch (device-synchronised), median reported as ms/image and images/s; the same for the bare
-image-tower forward, so the overhead of each method is visible; peak device memory; achieved
-TFLOP/s against an analytic FLOP count of one image-tower forward.
+Random weights by default (same compute as real ones, no download). For each batch size, the
+method on a device-resident, normalised batch and the bare image-tower forward on the same batch
+are measured together (:func:`measure_interleaved`): the same number of warm-up calls each, then
+``--repeats`` timed, device-synchronised calls taken in turns, so that neither is timed colder or
+under other load than the other; medians reported as ms/image and images/s, and their ratio
+("x bare", the overhead of the method); peak device memory; achieved TFLOP/s against an analytic
+FLOP count of one image-tower forward.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import resource
 import statistics
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,10 +38,22 @@ def vit_forward_flops(backbone: Backbone, image_size: int) -> float:
     return 2.0 * macs
 
 
-def measure(fn, device: torch.device | str, repeats: int, warmup: int = 0) -> tuple[float, float]:
-    """(median wall seconds, median process CPU seconds (user + sys)) of ``fn()`` over ``repeats``
-    device-synchronised calls after ``warmup`` untimed ones. On a shared machine the CPU seconds
-    bound what the wall time would be without the other load."""
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def measure_interleaved(
+    fns: Sequence[Callable[[], Any]], device: torch.device | str, repeats: int, warmup: int = 0, *,
+    clock: Callable[[], float] = time.perf_counter, cpu_clock: Callable[[], float] = _cpu_seconds,
+) -> list[tuple[float, float]]:
+    """(median wall seconds, median process CPU seconds (user + sys)) of each of ``fns``, measured
+    under the same conditions: ``warmup`` untimed rounds calling each once, then ``repeats`` timed
+    rounds calling each once, device-synchronised, in an order that alternates between rounds
+    (A B, B A, A B...) so that none is always timed right after the same neighbour. Measured one
+    after the other, the second would run warmer (caches, clocks, allocator) or under other load
+    than the first. On a shared machine the CPU seconds bound what the wall time would be
+    without the other load. ``clock``/``cpu_clock``: the time sources (tests pass fakes)."""
     device = torch.device(device)
 
     def sync() -> None:
@@ -46,17 +61,27 @@ def measure(fn, device: torch.device | str, repeats: int, warmup: int = 0) -> tu
             torch.cuda.synchronize(device)
 
     for _ in range(warmup):
-        fn()
+        for fn in fns:
+            fn()
     sync()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), os.times()
-        fn()
-        sync()
-        c1 = os.times()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(c1.user - c0.user + c1.system - c0.system)
-    return statistics.median(wall), statistics.median(cpu)
+    wall: list[list[float]] = [[] for _ in fns]
+    cpu: list[list[float]] = [[] for _ in fns]
+    for r in range(repeats):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            t0, c0 = clock(), cpu_clock()
+            fns[i]()
+            sync()
+            c1 = cpu_clock()
+            wall[i].append(clock() - t0)
+            cpu[i].append(c1 - c0)
+    return [(statistics.median(w), statistics.median(c)) for w, c in zip(wall, cpu)]
+
+
+def measure(fn, device: torch.device | str, repeats: int, warmup: int = 0) -> tuple[float, float]:
+    """(median wall seconds, median process CPU seconds (user + sys)) of ``fn()`` over ``repeats``
+    device-synchronised calls after ``warmup`` untimed ones (:func:`measure_interleaved` of one)."""
+    return measure_interleaved([fn], device, repeats, warmup)[0]
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -103,8 +128,8 @@ def bench_method(
             with torch.no_grad(), det.autocast():
                 det.backbone.encode_image(x)
 
-        t_method = measure(run_method, dev, repeats, warmup)[0]
-        t_bare = measure(run_backbone, dev, repeats, warmup)[0]
+        # together, in turns: the bare forward warmed and timed exactly as the method
+        (t_method, _), (t_bare, _) = measure_interleaved([run_method, run_backbone], dev, repeats, warmup)
         rows.append({
             "method": method, "backbone": det.backbone.name, "image_size": size, "shots": shots,
             "device": str(dev), "dtype": dtype, "batch": b, "compile": compile, "channels_last": channels_last,

@@ -4,7 +4,7 @@ A new method is a folder ``methods/<name>/`` (its model, options, converter and 
 one line below; see docs/architecture.md.
 """
 
-from .base import Detector, LearnedDetector, LearnedOptions, Options, Prediction
+from .base import Detector, LearnedDetector, LearnedOptions, Options, Prediction, Thresholds
 from .registry import get_method, list_methods, register_method
 from . import winclip  # noqa: F401  (registers "winclip")
 from . import anoclip  # noqa: F401
@@ -12,5 +12,5 @@ from . import anomalyclip  # noqa: F401
 from . import adaptclip  # noqa: F401
 from . import tokenclip  # noqa: F401
 
-__all__ = ["Detector", "LearnedDetector", "LearnedOptions", "Options", "Prediction", "get_method", "list_methods",
-           "register_method"]
+__all__ = ["Detector", "LearnedDetector", "LearnedOptions", "Options", "Prediction", "Thresholds", "get_method",
+           "list_methods", "register_method"]

@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from ..backbones.clip import Backbone
-from ..checkpoint import write_checkpoint
+from ..checkpoint import MAX_IMAGE_SIZE, write_checkpoint
 from ..data.transforms import ImageInput, as_image_list, equal_runs, resize_batch, resize_map
-from ..errors import ClipadError, InvalidTypeError, InvalidValueError, UnknownNameError
+from ..errors import ClipadError, InvalidTypeError, InvalidValueError, UnknownNameError, shorten
 
 DEFAULT_CLASS = "object"
 
@@ -45,16 +45,109 @@ DEFAULT_CLASS = "object"
 class Prediction:
     """Output of :meth:`Detector.predict`.
 
-    image_scores: [B] float32, higher = more anomalous.
+    image_scores: [B] float32, higher = more anomalous; min-max normalised to [0, 1] where the
+        class's calibrated :class:`Thresholds` hold a range (``clipad calibrate --normalize``).
     anomaly_maps: [B, H, W] float32 when all inputs share one size, else a list of [H_i, W_i]
-        maps, each at its input's own size.
+        maps, each at its input's own size; normalised likewise.
+    labels: [B] bool, True = anomalous (``image_scores >= image_threshold``) when an image
+        threshold applies (calibrated, or given to ``predict``), else None.
+    masks: [B, H, W] bool (a list where the maps are), True = anomalous pixel
+        (``anomaly_maps >= pixel_threshold``) when a pixel threshold applies, else None.
+    image_threshold / pixel_threshold: the thresholds applied, in the units of the scores and
+        maps above (0.5 where normalised), or None.
     """
 
     image_scores: torch.Tensor
     anomaly_maps: torch.Tensor | list[torch.Tensor]
+    labels: torch.Tensor | None = None
+    masks: torch.Tensor | list[torch.Tensor] | None = None
+    image_threshold: float | None = None
+    pixel_threshold: float | None = None
 
     def __len__(self) -> int:
         return int(self.image_scores.shape[0])
+
+
+# --------------------------------------------------------------------------- decisions
+
+#: The largest float32 below 0.5: a normalised value below its threshold stays below 0.5.
+_BELOW_HALF = float(torch.nextafter(torch.tensor(0.5), torch.tensor(0.0)))
+
+
+def normalize_min_max(x: torch.Tensor, threshold: float, lo: float, hi: float) -> torch.Tensor:
+    """anomalib's min-max normalisation: ``clip((x - threshold) / (hi - lo) + 0.5, 0, 1)``.
+
+    x: [...] float32 scores or maps -> same shape in [0, 1], the threshold at 0.5. Each value
+    keeps its side of the threshold exactly (``x >= threshold`` <=> result ``>= 0.5``): float
+    rounding may not lift a value just below the threshold to 0.5. ``hi == lo``: divided by 1.
+    """
+    span = hi - lo if hi > lo else 1.0
+    y = ((x - threshold) / span + 0.5).clamp(0.0, 1.0)
+    return torch.where(x >= threshold, y.clamp(min=0.5), y.clamp(max=_BELOW_HALF))
+
+
+def _threshold_value(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidTypeError(f"{name} must be a number or None; got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise InvalidValueError(f"{name} must be a finite number; got {value}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Calibrated pass/fail thresholds of one class, made by :func:`clipad.deploy.calibrate`.
+
+    image: an image is anomalous when its raw score ``>= image``; None = no image decision.
+    pixel: a pixel is anomalous when its raw map value ``>= pixel``; None = no masks.
+    image_range / pixel_range: (min, max) of the calibration scores / map values when
+        predictions are min-max normalised (anomalib's convention, :func:`normalize_min_max`,
+        the threshold at 0.5), else None. A range needs its threshold.
+    provenance: how they were made (JSON scalars: strategy, targets, image counts, class,
+        clipad version, date...), kept in the saved detector.
+    """
+
+    image: float | None = None
+    pixel: float | None = None
+    image_range: tuple[float, float] | None = None
+    pixel_range: tuple[float, float] | None = None
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for level in ("image", "pixel"):
+            thr = _threshold_value(f"Thresholds.{level}", getattr(self, level))
+            object.__setattr__(self, level, thr)
+            rng = getattr(self, f"{level}_range")
+            if rng is None:
+                continue
+            lo, hi = (_threshold_value(f"Thresholds.{level}_range", v) for v in rng) if len(rng) == 2 else (None, None)
+            if lo is None or hi is None or lo > hi:
+                raise InvalidValueError(f"Thresholds.{level}_range must be (min, max) with min <= max; got {rng!r}")
+            if thr is None:
+                raise InvalidValueError(f"Thresholds.{level}_range is given without a {level} threshold to centre it on")
+            object.__setattr__(self, f"{level}_range", (lo, hi))
+        object.__setattr__(self, "provenance", dict(self.provenance))
+
+    def output_threshold(self, level: Literal["image", "pixel"]) -> float | None:
+        """The threshold in the units predictions are given in: 0.5 where normalised."""
+        thr = getattr(self, level)
+        return 0.5 if thr is not None and getattr(self, f"{level}_range") is not None else thr
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able form, as the checkpoint header's ``thresholds`` entry holds it per class."""
+        return {"image": self.image, "pixel": self.pixel,
+                "image_range": None if self.image_range is None else list(self.image_range),
+                "pixel_range": None if self.pixel_range is None else list(self.pixel_range),
+                "provenance": dict(self.provenance)}
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> Thresholds:
+        unknown = sorted(set(value) - {f.name for f in fields(cls)})
+        if unknown:
+            raise UnknownNameError(f"unknown threshold key(s) {unknown}; valid: {', '.join(f.name for f in fields(cls))}")
+        return cls(**{k: tuple(v) if k.endswith("_range") and v is not None else v for k, v in value.items()})
 
 
 
@@ -176,8 +269,9 @@ class Options:
             except _Mismatch:
                 raise _bad_value(f.name, value, hints[f.name], f.default) from None
             object.__setattr__(self, f.name, value)  # frozen: normalise in place once
-        if self.image_size is not None and self.image_size <= 0:
-            raise InvalidValueError(f"option image_size must be a positive multiple of the patch size; got {self.image_size}")
+        if self.image_size is not None and not 0 < self.image_size <= MAX_IMAGE_SIZE:
+            raise InvalidValueError(f"option image_size must be a positive multiple of the patch size, at most "
+                                    f"{MAX_IMAGE_SIZE}; got {self.image_size}")
 
 
 @dataclass(frozen=True)
@@ -255,6 +349,7 @@ class Detector(nn.Module):
         self.seed = 0
         self._references: dict[str, dict[str, torch.Tensor]] = {}
         self._text_cache: dict[str, torch.Tensor] = {}
+        self._thresholds: dict[str, Thresholds] = {}
 
     @classmethod
     def default_input_size(cls, backbone: Backbone) -> int:
@@ -300,8 +395,8 @@ class Detector(nn.Module):
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
             raise ClipadError(
-                f"{self.name} learned weights do not fit this detector: missing {missing[:6]}, "
-                f"unexpected {unexpected[:6]} ({hint})"
+                f"{self.name} learned weights do not fit this detector: missing {shorten(missing[:6], 150)}, "
+                f"unexpected {shorten(unexpected[:6], 150)} ({hint})"
             )
         for key, target in own.items():
             if tuple(state[key].shape) != tuple(target.shape):
@@ -345,7 +440,9 @@ class Detector(nn.Module):
         use_bf16 = self.precision == "bf16" or (self.precision == "auto" and dev == "cuda")
         return torch.autocast(device_type=dev, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
-    @torch.compiler.disable  # a dict lookup, once per class a text-tower run: nothing to compile
+    # torch.compiler.disable imports torch._dynamo (seconds) at decoration, i.e. at `import clipad.methods`
+    # (`clipad predict --help`); torch's own lazy form imports it at the first call.
+    @torch._disable_dynamo  # a dict lookup, once per class a text-tower run: nothing to compile
     def cached_text(self, key: str, compute) -> torch.Tensor:
         """Text embeddings are computed once per class (and prompt set) and kept; fp32, no autocast."""
         if key not in self._text_cache:
@@ -379,9 +476,18 @@ class Detector(nn.Module):
         images: torch.Tensor | Sequence[ImageInput] | ImageInput,
         class_name: str | None = None,
         batch_size: int = 16,
+        *,
+        threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        calibrated: bool = True,
     ) -> Prediction:
         """Score images: see :class:`Prediction`. ``class_name`` (default "object") names the
-        product in text prompts and selects references set for that class."""
+        product in text prompts and selects the references and thresholds set for that class.
+
+        Decisions (``labels``, ``masks``) come from the class's calibrated :class:`Thresholds`
+        (:attr:`thresholds`); ``threshold`` / ``pixel_threshold`` override them for this call,
+        in the units of the returned scores / maps. ``calibrated=False``: raw scores and maps,
+        no stored threshold or normalisation (the overrides still apply)."""
         tensors = as_image_list(images)
         scores, maps = [], []
         # results are copied to the host without waiting (non_blocking) and the device is
@@ -401,7 +507,63 @@ class Detector(nn.Module):
             torch.cuda.synchronize(self.device)
         image_scores = torch.cat(scores)
         same = len({tuple(m.shape) for m in maps}) == 1
-        return Prediction(image_scores=image_scores, anomaly_maps=torch.stack(maps) if same else maps)
+        return self.decide(Prediction(image_scores=image_scores, anomaly_maps=torch.stack(maps) if same else maps),
+                           class_name, threshold=threshold, pixel_threshold=pixel_threshold, calibrated=calibrated)
+
+    # -- decisions -----------------------------------------------------------------------------
+    def decide(
+        self,
+        pred: Prediction,
+        class_name: str | None = None,
+        *,
+        threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        calibrated: bool = True,
+    ) -> Prediction:
+        """``pred`` (raw scores and maps of ``class_name``) with decisions: normalised where the
+        class's thresholds hold a range, ``labels`` / ``masks`` where a threshold applies; the
+        arguments as for :meth:`predict`."""
+        threshold = _threshold_value("threshold", threshold)
+        pixel_threshold = _threshold_value("pixel_threshold", pixel_threshold)
+        th = self.thresholds_for(class_name) if calibrated else None
+        scores, maps = pred.image_scores, pred.anomaly_maps
+        if th is not None and th.image_range is not None:
+            scores = normalize_min_max(scores, th.image, *th.image_range)
+        if th is not None and th.pixel_range is not None:
+            norm = functools.partial(normalize_min_max, threshold=th.pixel, lo=th.pixel_range[0], hi=th.pixel_range[1])
+            maps = norm(maps) if isinstance(maps, torch.Tensor) else [norm(m) for m in maps]
+        img_thr = threshold if threshold is not None else th.output_threshold("image") if th else None
+        pix_thr = pixel_threshold if pixel_threshold is not None else th.output_threshold("pixel") if th else None
+        masks = None
+        if pix_thr is not None:
+            masks = maps >= pix_thr if isinstance(maps, torch.Tensor) else [m >= pix_thr for m in maps]
+        return Prediction(image_scores=scores, anomaly_maps=maps, labels=None if img_thr is None else scores >= img_thr,
+                          masks=masks, image_threshold=img_thr, pixel_threshold=pix_thr)
+
+    @property
+    def thresholds(self) -> Mapping[str, Thresholds]:
+        """Read-only view of the calibrated thresholds by class ("" = every class without its own)."""
+        return types.MappingProxyType(self._thresholds)
+
+    def set_thresholds(self, thresholds: Thresholds | None, class_name: str | None = None) -> None:
+        """Keep ``thresholds`` for ``class_name`` (None: "", every class without its own; as
+        references) or, with None, drop them; :meth:`save` stores them. Made by
+        :func:`clipad.deploy.calibrate`."""
+        if thresholds is None:
+            self._thresholds.pop(class_name or "", None)
+        elif not isinstance(thresholds, Thresholds):
+            raise InvalidTypeError(f"set_thresholds takes a Thresholds or None; got {type(thresholds).__name__}")
+        else:
+            self._thresholds[class_name or ""] = thresholds
+
+    def load_thresholds(self, thresholds: Mapping[str, Thresholds | Mapping[str, Any]]) -> None:
+        """Replace all thresholds: ``{class: Thresholds}`` or their JSON form (a checkpoint's header)."""
+        self._thresholds = {c: t if isinstance(t, Thresholds) else Thresholds.from_json(t) for c, t in thresholds.items()}
+
+    def thresholds_for(self, class_name: str | None) -> Thresholds | None:
+        """The thresholds :meth:`predict` applies for ``class_name``: the class's own, else the
+        default set (""), else None (found as :meth:`reference_for` finds references)."""
+        return self._thresholds.get(class_name or DEFAULT_CLASS, self._thresholds.get(""))
 
     def set_reference(self, images: torch.Tensor | Sequence[ImageInput] | ImageInput, class_name: str | None = None) -> None:
         """Set k normal reference images (k-shot). With ``class_name`` they serve that class only;
@@ -438,17 +600,25 @@ class Detector(nn.Module):
         return int(ref["shots"].item()) if ref and "shots" in ref else 0
 
     def save(self, path: str | Path) -> Path:
-        """Write learned tensors, references and the configuration to one ``.safetensors`` file.
+        """Write learned tensors, references, calibrated thresholds and the configuration to one
+        ``.safetensors`` file.
 
         A ``checkpoint`` option is recorded as None: the learned tensors are in the saved file
-        itself, so the file they first came from need not exist at load time."""
+        itself, so the file they first came from need not exist at load time. The backbone's
+        activation (``quick_gelu``) is recorded so that loading rebuilds it as it ran.
+
+        Raises:
+            InvalidValueError: learned or reference tensors hold NaN or infinite values."""
         options = self.options
         if options.get("checkpoint") is not None:
             options["checkpoint"] = None
+        extra: dict[str, Any] = {"quick_gelu": self.backbone.quick_gelu}
+        if self._thresholds:  # files without them stay as before
+            extra["thresholds"] = {c: t.to_json() for c, t in self._thresholds.items()}
         return write_checkpoint(
             path, method=self.name, backbone=self.backbone.name, pretrained=self.backbone.pretrained, seed=self.seed,
             image_size=self.image_size, precision=self.precision, options=options, learned=self.learned_state(),
-            references=self._references,
+            references=self._references, extra=extra,
         )
 
 

@@ -208,7 +208,9 @@ def create_app(
         max_wait_ms: longest wait of a batch's first image for others to join.
         max_upload_mb: largest request body in MiB (413 beyond).
         token: when set, every endpoint but ``/v1/health`` needs ``Authorization: Bearer <token>``.
-        threshold: when set, answers carry ``decision``: ``"anomalous"`` if score >= threshold.
+        threshold: answers carry ``decision``: ``"anomalous"`` if score >= threshold. None (default):
+            the detector's calibrated threshold for the request's class (``clipad calibrate``),
+            if it has one; else no decision.
         references_dir: where references set over HTTP are kept and reloaded from at start.
         max_image_pixels: largest ``width * height`` of an upload (413 beyond).
         max_queue: most images waiting for the model (503 beyond).
@@ -311,6 +313,13 @@ def create_app(
             blobs[i] = b""  # the upload's bytes are not needed once decoded
         return images
 
+    def decision_threshold(cls: str | None) -> float | None:
+        """``threshold`` when given, else the detector's calibrated one for ``cls`` (its scores' units)."""
+        if threshold is not None:
+            return threshold
+        th = detector.thresholds_for(cls)
+        return None if th is None else th.output_threshold("image")
+
     def class_or_422(name: str | None) -> str | None:
         if name is None or not name.strip():
             return None
@@ -344,7 +353,8 @@ def create_app(
             "image_size": detector.image_size,
             "few_shot": bool(detector.few_shot),
             "default_class": DEFAULT_CLASS,
-            "threshold": threshold,
+            "threshold": decision_threshold(None),  # the default class's; calibrated ones by class below
+            "calibrated_classes": sorted(detector.thresholds),
             "max_batch": max_batch,
             "max_wait_ms": max_wait_ms,
             "max_upload_mb": max_upload_mb,
@@ -377,7 +387,7 @@ def create_app(
                 raise
             except ClipadError as exc:
                 raise HTTPException(400, str(exc)) from exc
-            return await run_in_threadpool(_encode_results, names, images, results, maps, threshold)
+            return await run_in_threadpool(_encode_results, names, images, results, maps, decision_threshold(cls))
 
         async with admitted(pixels):
             out = await score()

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from ..errors import ClipadError
+from ..checkpoint import checkpoint_error, read_header, save_safetensors
+from ..errors import ClipadError, shorten
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -17,8 +18,6 @@ CHECKPOINT_DIR = "checkpoints"
 def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
     """Optimizer state as safetensors: state tensors as ``state.<param>.<name>``, everything else
     (param groups, non-tensor state) as JSON in the header. No pickle."""
-    from safetensors.torch import save_file
-
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
@@ -34,26 +33,36 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
         "param_groups": json.dumps(sd["param_groups"]),
         "scalar_state": json.dumps(scalars),
     }
-    save_file(tensors, str(path), metadata=meta)
+    save_safetensors(tensors, path, meta)
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    """Restore what :func:`save_optimizer` wrote into an optimizer over the same parameters."""
+    """Restore what :func:`save_optimizer` wrote into an optimizer over the same parameters.
+
+    Raises:
+        CheckpointError: the file is not such a state or was edited (its header is checked, with
+            the size caps of :func:`clipad.checkpoint.read_header`, before its tensors are read).
+    """
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    fix = "delete the checkpoints folder to start over, or train into another --out"
+    meta, _ = read_header(path)
     if meta.get("format") != "clipad-optimizer" or meta.get("optimizer") != type(optimizer).__name__:
-        raise ClipadError(f"'{path}' is not a clipad {type(optimizer).__name__} state")
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        _, pid, name = key.split(".", 2)
-        state.setdefault(int(pid), {})[name] = value
-    for key, value in json.loads(meta["scalar_state"]).items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        raise checkpoint_error(path, f"is not a clipad {type(optimizer).__name__} state", fix)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+        for key, value in json.loads(meta["scalar_state"]).items():
+            pid, name = key.split(".", 1)
+            state.setdefault(int(pid), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    except Exception as exc:  # noqa: BLE001 - a missing key, bad JSON, a state that does not fit
+        raise checkpoint_error(path, f"is a damaged optimizer state ({type(exc).__name__}: {shorten(str(exc), 150)})",
+                               fix) from None
 
 
 def epoch_paths(out: Path, epoch: int) -> tuple[Path, Path, Path]:
@@ -69,7 +78,7 @@ def last_checkpoint(out: Path) -> tuple[int, dict[str, Any]] | None:
         try:
             info = json.loads(js.read_text())
             epoch = int(info["epoch"])
-        except (ValueError, KeyError, json.JSONDecodeError):
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError):
             continue
         if all(p.is_file() for p in epoch_paths(out, epoch)) and (best is None or epoch > best[0]):
             best = (epoch, info)
@@ -77,6 +86,9 @@ def last_checkpoint(out: Path) -> tuple[int, dict[str, Any]] | None:
 
 
 def check_resumable(info: dict[str, Any], run: dict[str, Any]) -> None:
+    if not isinstance(info.get("run"), dict) or not isinstance(info["run"].get("config"), dict):
+        raise ClipadError("cannot resume: the last epoch's .json has no 'run' configuration (edited or damaged); "
+                          "delete the checkpoints folder to start over, or use another --out")
     for key in ("method", "backbone", "image_size"):
         if info["run"].get(key) != run.get(key):
             raise ClipadError(

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ...errors import InvalidValueError
-from ..anomalyclip.options import check_positive, check_taps
+from ..anomalyclip.options import check_context, check_positive, check_taps
 from ..base import LearnedOptions
 
 
@@ -48,12 +48,11 @@ class AdaptCLIPOptions(LearnedOptions):
         check_taps(self.taps)
         if self.dpam_layer is not None and not 0.0 < self.dpam_layer <= 1.0:
             raise InvalidValueError(f"option dpam_layer must be a fraction of the depth in (0, 1] or None; got {self.dpam_layer}")
-        if self.n_ctx < 1:
-            raise InvalidValueError(f"option n_ctx must be >= 1; got {self.n_ctx}")
+        check_context("n_ctx", self.n_ctx, 1)
         if self.va_reduction < 1:
             raise InvalidValueError(f"option va_reduction must be >= 1; got {self.va_reduction}")
-        if self.pq_mid_dim < 2:
-            raise InvalidValueError(f"option pq_mid_dim must be >= 2; got {self.pq_mid_dim}")
+        if not 2 <= self.pq_mid_dim <= 4096:  # sizes the heads' weights: bounded before they are allocated
+            raise InvalidValueError(f"option pq_mid_dim must be in [2, 4096] (official: 128); got {self.pq_mid_dim}")
         check_positive("temperature", self.temperature)
         if self.sigma < 0:
             raise InvalidValueError(f"option sigma must be >= 0 (0 = no smoothing); got {self.sigma}")

@@ -79,6 +79,19 @@ def view_affines() -> torch.Tensor:
     return torch.tensor(mats, dtype=torch.float64).float()
 
 
+def view_grids(h: int, w: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[16, H, W, 2] sampling grids of the 16 affine views (:func:`view_affines`) at size (H, W):
+    a function of the size only (an ONNX export takes it as a constant)."""
+    mats = view_affines().to(device, dtype)
+    return F.affine_grid(mats, [len(mats), 3, h, w], align_corners=True)
+
+
+def rot90_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """[..., H, W] -> ``torch.rot90(x, k, dims=(-2, -1))`` for k = 1, 2, 3, as the flips and
+    transposes rot90 itself is made of (bit-identical; ONNX has no rot90)."""
+    return [x.flip(-1).transpose(-2, -1), x.flip((-2, -1)), x.flip(-2).transpose(-2, -1)]
+
+
 def augmented_views(x: torch.Tensor) -> torch.Tensor:
     """Normalised images [B, 3, S, S] -> the 21 non-identity views [B, 21, 3, S, S].
 
@@ -87,14 +100,14 @@ def augmented_views(x: torch.Tensor) -> torch.Tensor:
     rot90 with k = 1, 2, 3.
     """
     b, c, h, w = x.shape
-    mats = view_affines().to(x.device, x.dtype)
-    grid = F.affine_grid(mats, [len(mats), c, h, w], align_corners=True)  # [16, H, W, 2]
-    rep = x.unsqueeze(1).expand(b, len(mats), c, h, w).reshape(b * len(mats), c, h, w)
+    grid = view_grids(h, w, x.device, x.dtype)  # [16, H, W, 2]
+    n = grid.shape[0]
+    rep = x.unsqueeze(1).expand(b, n, c, h, w).reshape(b * n, c, h, w)
     warped = F.grid_sample(rep, grid.repeat(b, 1, 1, 1), mode="bilinear", padding_mode="reflection", align_corners=True)
     wr, wg, wb = GREY_WEIGHTS
     grey = (x[:, 0] * wr + x[:, 1] * wg + x[:, 2] * wb).unsqueeze(1).expand(b, 3, h, w)
-    rest = [x.flip(-1), grey] + [torch.rot90(x, k, dims=(-2, -1)) for k in (1, 2, 3)]
-    return torch.cat([warped.reshape(b, len(mats), c, h, w), torch.stack(rest, dim=1)], dim=1)
+    rest = [x.flip(-1), grey] + rot90_views(x)
+    return torch.cat([warped.reshape(b, n, c, h, w), torch.stack(rest, dim=1)], dim=1)
 
 
 def smooth_and_upsample(prob: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -7,6 +7,17 @@ from dataclasses import dataclass
 from ...errors import InvalidValueError
 from ..base import LearnedOptions
 
+#: Most learned context vectors per prompt: CLIP's text context is 77 tokens, start and end
+#: tokens included (the prompt's words need room too; the text encoder checks the exact fit).
+MAX_CONTEXT = 75
+
+
+def check_context(name: str, value: int, low: int) -> None:
+    """``value`` (a count of prompt tokens) within [low, MAX_CONTEXT]: bounded before anything is allocated."""
+    if not low <= value <= MAX_CONTEXT:
+        raise InvalidValueError(f"option {name} must be in [{low}, {MAX_CONTEXT}] (CLIP's text context is 77 tokens); "
+                                f"got {value}")
+
 
 def check_taps(taps: tuple[float, ...]) -> None:
     """Taps are fractions of the depth in (0, 1]."""
@@ -51,12 +62,10 @@ class AnomalyCLIPOptions(LearnedOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.n_ctx < 1:
-            raise InvalidValueError(f"option n_ctx must be >= 1; got {self.n_ctx}")
+        check_context("n_ctx", self.n_ctx, 1)
         if self.deep_depth < 0:
             raise InvalidValueError(f"option deep_depth must be >= 0 (0 = no deep prompts); got {self.deep_depth}")
-        if self.deep_length < 0:
-            raise InvalidValueError(f"option deep_length must be >= 0 (0 = no deep prompts); got {self.deep_length}")
+        check_context("deep_length", self.deep_length, 0)
         if self.deep_depth >= 2 and self.deep_length > self.n_ctx:
             raise InvalidValueError(f"option deep_length={self.deep_length} exceeds n_ctx={self.n_ctx}: deep prompts "
                                     "replace context slots")

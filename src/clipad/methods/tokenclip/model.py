@@ -126,7 +126,9 @@ def subspace_cosines(tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """[B, N, D] tokens, [K, 2, D] unit text -> [B, N, K, 2] cosines (one matrix product)."""
     f = F.normalize(tokens.float(), dim=-1)
     k = text.shape[0]
-    return (f @ text.float().reshape(2 * k, -1).T).unflatten(-1, (k, 2))
+    sims = f @ text.float().reshape(2 * k, -1).T  # [B, N, 2K]
+    # reshape with explicit sizes rather than unflatten: an ONNX export then knows the rank
+    return sims.reshape(sims.shape[0], sims.shape[1], k, 2)
 
 
 def subspace_cost(cos: torch.Tensor, reduce: str = "max") -> torch.Tensor:
@@ -228,10 +230,10 @@ class TokenCLIP(AnomalyCLIP):
     def token_probabilities(self, taps: Sequence[torch.Tensor], text: torch.Tensor) -> list[torch.Tensor]:
         """Projected taps ([B, 1 + N, D] each, CLS first) -> per tap [B, N, 2] (normal, abnormal)
         probabilities through each token's subspace combination; one batched OT over all taps."""
-        b = taps[0].shape[0]
         cos = subspace_cosines(torch.cat([t[:, 1:] for t in taps]), text)  # [T*B, N, K, 2]
         assign, _ = self.token_assignment(subspace_cost(cos, self.cost))
-        return list(mix_probabilities(assign, cos, self.temperature).split(b))
+        probs = mix_probabilities(assign, cos, self.temperature)  # [T*B, N, 2]
+        return list(probs.reshape(len(taps), -1, *probs.shape[1:]).unbind(0))
 
     def image_log_probabilities(self, glob: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Global features [B, D] -> [B, 2] log (normal, abnormal) probabilities: the K subspaces'

@@ -43,8 +43,10 @@ class TokenCLIPOptions(AnomalyCLIPOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.n_subspaces < 1:
-            raise InvalidValueError(f"option n_subspaces must be >= 1; got {self.n_subspaces}")
+        # 2 x n_subspaces prompts are built; 2K <= the embedding width (<= 1280 for open_clip's ViTs)
+        if not 1 <= self.n_subspaces <= 640:
+            raise InvalidValueError(f"option n_subspaces must be in [1, 640] (2 x n_subspaces prompts must fit the "
+                                    f"embedding width); got {self.n_subspaces}")
         if self.topk < 1:
             raise InvalidValueError(f"option topk must be an int >= 1 (>= n_subspaces keeps the dense plan); got {self.topk}")
         if self.epsilon <= 0:

@@ -173,7 +173,9 @@ def sinkhorn(
     return _solve(cost, log_a, log_b, *args)
 
 
-@torch.compiler.disable  # data-dependent validation: run eagerly rather than as a graph break
+# torch._disable_dynamo: torch.compiler.disable, importing torch._dynamo (seconds) at the first call
+# rather than at `import clipad.methods`
+@torch._disable_dynamo  # data-dependent validation: run eagerly rather than as a graph break
 def _check_problem(cost: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate; return (cost in the working dtype, log a: [B, N], log b: [B, K])."""
     if cost.dim() != 3:
@@ -192,7 +194,8 @@ def _check_problem(cost: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor |
     marg = []
     for name, m, n, dim in (("a", a, N, "N"), ("b", b, K, "K")):
         if m is None:
-            marg.append(torch.full((B, n), 1.0 / n, dtype=work, device=cost.device))
+            # full_like, not full((B, n)): an ONNX export (a trace) keeps B as the input's size
+            marg.append(torch.full_like(cost[..., 0] if name == "a" else cost[:, 0], 1.0 / n))
             continue
         m = torch.as_tensor(m, device=cost.device)
         if not m.is_floating_point():
@@ -222,7 +225,7 @@ def _check_real(name: str, x: object, *, positive: bool) -> None:
         raise InvalidValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {x!r}")
 
 
-@torch.compiler.disable  # the convergence test reads the device every few iterations: run eagerly
+@torch._disable_dynamo  # the convergence test reads the device every few iterations: run eagerly
 def _solve(
     cost: torch.Tensor,
     log_a: torch.Tensor,
@@ -341,7 +344,8 @@ def topk_mask(plan: torch.Tensor, k: int, renormalize: bool = True) -> torch.Ten
         raise InvalidValueError(f"plan must have shape [..., K] with K >= 1, got {tuple(plan.shape)}")
     if k < plan.shape[-1]:
         idx = torch.topk(plan, int(k), dim=-1).indices
-        keep = torch.zeros_like(plan, dtype=torch.bool).scatter_(-1, idx, True)
+        # a comparison, not a scatter: the same mask, and an ONNX export keeps its batch size dynamic
+        keep = (idx.unsqueeze(-1) == torch.arange(plan.shape[-1], device=plan.device)).any(dim=-2)
         plan = torch.where(keep, plan, torch.zeros_like(plan))
     return row_normalize(plan) if renormalize else plan
 

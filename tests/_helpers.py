@@ -11,6 +11,10 @@ from PIL import Image
 
 import clipad
 
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+FIXTURES_DIR = TESTS_DIR / "fixtures"  # fidelity fixtures made by tools/<method>_fixtures.py
+
 
 def tiny_detector(method: str, **options) -> clipad.Detector:
     """``method`` on the random ``tiny`` backbone, on CPU, without the random-weights warning."""

@@ -26,7 +26,8 @@ SRC = Path(clipad.__file__).parent
 TINY = ["--backbone", "tiny", "--pretrained", "none", "--quiet", "--workers", "0"]
 _BUILTIN_EXCEPTIONS = {n for n, v in vars(builtins).items() if isinstance(v, type) and issubclass(v, BaseException)}
 # raised on purpose but not an error of the caller's: the abstract method of a base class
-_ALLOWED_BUILTINS = {"NotImplementedError"}
+# NotImplementedError: abstract methods; AttributeError: the protocol of a module __getattr__ (PEP 562)
+_ALLOWED_BUILTINS = {"NotImplementedError", "AttributeError"}
 # a file:line location as Python's default warning display writes it (`x.py:12:`, `<string>:5:`)
 _LOCATION = re.compile(r"(\.py|<[a-z]+>):\d+")
 

@@ -52,6 +52,7 @@ COMMANDS: dict[str, str] = {
     "methods": "list the registered methods",
     "eval": "evaluate methods on MVTec AD, VisA, a meta.json list or folders",
     "calibrate": "calibrate pass/fail thresholds from normal or labelled images",
+    "export": "export a detector to ONNX (checked against the torch detector)",
     "train": "train a learned method on an auxiliary dataset",
     "convert": "import an official checkpoint into clipad's format",
     "bench": "measure throughput of methods and the bare backbone",

@@ -418,12 +418,6 @@ def _options_epilog(methods: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-#: Model options that a saved detector records; giving one with --detector is an error (it could
-#: not take effect). dest -> flag. The method options' own flags (--checkpoint...) join them.
-_RECORDED = {"method": "--method", "backbone": "--backbone", "image_size": "--image-size", "set": "--set",
-             "init_seed": "--init-seed"}
-
-
 def add_model_args(
     p: ClipadArgumentParser, multi_method: bool = False, *, methods: list[str] | None = None,
     default_method: str = "winclip", why_not: str = "",
@@ -455,10 +449,10 @@ def add_model_args(
         "weights to load instead of the ones the file records (e.g. a local file when offline)",
     )
     g.add_argument("--detector", type=existing_file, default=None, metavar="FILE",
-                   help="a detector saved with det.save() (.safetensors): it records the method, backbone, weights "
-                   "source, image size and method options, so --method, --backbone, --image-size, --set, "
-                   "--init-seed and method option flags are refused with it; --pretrained, --quick-gelu, --device, "
-                   "--precision, --batch-size and --compile apply")
+                   help="a detector saved with det.save() (.safetensors); it records the method, backbone, image "
+                   "size, seed and method options: --method, --backbone, --image-size, --init-seed, --set and "
+                   "method option flags may be given only with the values it records (an error otherwise); "
+                   "--pretrained, --quick-gelu, --device, --precision, --batch-size and --compile apply to it")
     g.add_argument("--image-size", type=positive_int, default=None,
                    help="model input size in pixels, a multiple of the backbone's patch size (default: the method's)")
     g.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:1 ..., mps (default: cuda when available)")
@@ -518,16 +512,12 @@ def option_items(args: argparse.Namespace) -> list[tuple[str, str, object]]:
 
 
 def _model_check(ns: argparse.Namespace, default_method) -> str | None:
-    """Checks across the model options, after parsing: nothing a saved --detector records is given
-    with it; otherwise every method option fits every chosen method. Fills in the defaults of
-    --method and --init-seed (None = not given, so that --detector can tell)."""
+    """Checks across the model options, after parsing: every method option fits every chosen
+    method. Fills in the defaults of --method and --init-seed; with --detector they stay None
+    (not given), and :func:`build_detector` compares what was given with what the file records."""
     if ns.detector:
-        given = [flag for dest, flag in _RECORDED.items() if getattr(ns, dest, None) not in (None, [])]
-        given += [flag for flag, _, _ in option_items(ns) if flag != "--set"]
-        if given:
-            return (f"argument {given[0]}: not allowed with --detector, whose file records the method, backbone, "
-                    "image size and method options; leave it out, or build a new detector without --detector "
-                    "(with --detector: --pretrained, --quick-gelu, --device, --precision, --batch-size and --compile)")
+        if isinstance(ns.method, list) and len(ns.method) > 1:
+            return "argument --method: one method with --detector (the saved detector's); give one or leave it out"
         return None
     if ns.method is None:
         ns.method = default_method
@@ -626,6 +616,7 @@ def build_detector(args: argparse.Namespace):
         if quick_gelu is not None:
             kwargs["quick_gelu"] = quick_gelu
         det = api.load_detector(args.detector, device=args.device, **kwargs)
+        _check_matches_saved(det, args)
         if precision:
             det.precision = precision
     else:
@@ -647,6 +638,31 @@ def build_detector(args: argparse.Namespace):
     if getattr(args, "compile", False):
         det.compile()
     return det
+
+
+def _check_matches_saved(det, args: argparse.Namespace) -> None:
+    """Model options given with --detector must equal what the file records: a different value
+    could not take effect (InvalidValueError naming the first that differs)."""
+    from ..errors import ClipadError, InvalidValueError
+    from ..methods.base import make_options
+
+    method = args.method[0] if isinstance(args.method, list) else args.method
+    given: list[tuple[str, object, object]] = [  # (flag, given, recorded)
+        ("--method", method, det.name), ("--backbone", args.backbone, det.backbone.name),
+        ("--image-size", args.image_size, det.image_size), ("--init-seed", getattr(args, "init_seed", None), det.seed),
+    ]
+    for flag, key, value in option_items(args):
+        try:
+            value = getattr(make_options(type(det), {key: value}), key)
+        except ClipadError as exc:
+            raise InvalidValueError(f"{flag}: {exc} (the method of --detector '{args.detector}')") from None
+        given.append((f"{flag} {key}" if flag == "--set" else flag, value, getattr(det.opts, key)))
+    for flag, value, recorded in given:
+        if value is not None and value != recorded:
+            raise InvalidValueError(
+                f"{flag} {value!r} differs from what the saved --detector '{args.detector}' records ({recorded!r}); "
+                "leave it out, or build a new detector without --detector"
+            )
 
 
 def add_max_image_pixels_arg(p: argparse.ArgumentParser) -> None:

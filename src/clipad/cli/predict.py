@@ -26,11 +26,13 @@ from .common import (
     add_max_image_pixels_arg,
     add_model_args,
     build_detector,
+    existing_file,
     existing_path,
     finite_float,
     max_image_pixels,
     non_empty,
     output_dir,
+    positive_int,
     report,
 )
 
@@ -235,7 +237,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         report("no images to process")
         return EXIT_FAILED_INPUTS
 
-    det = build_detector(args)
+    det = _onnx_model(args) if args.model else build_detector(args)
     if args.reference:
         refs, ref_paths = [], []
         for item in args.reference:
@@ -276,7 +278,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 pred = det.predict(images, class_name=args.class_name, batch_size=args.batch_size,
                                    threshold=args.threshold, pixel_threshold=args.pixel_threshold)
                 for i, (p, img) in enumerate(zip(batch_paths, images)):
-                    amap = pred.anomaly_maps[i].numpy()
+                    amap = np.asarray(pred.anomaly_maps[i])  # a tensor, or an array (--model)
                     score = float(pred.image_scores[i])
                     name = _unique_name(_output_stem(p), used)
                     heatmap = out / "heatmaps" / f"{name}.png"
@@ -297,7 +299,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                             report(write_error_message(npy, exc))
                             output_failures += 1
                     if pred.masks is not None:
-                        output_failures += _write_mask(out / "masks" / f"{name}.png", pred.masks[i].numpy())
+                        output_failures += _write_mask(out / "masks" / f"{name}.png", np.asarray(pred.masks[i]))
                     if pred.labels is not None:
                         anomalous += bool(pred.labels[i])
                     scores.add(p, score, heatmap_cell, *([str(int(pred.labels[i]))] if labelled else []))
@@ -332,7 +334,16 @@ def add_predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="score images and write heatmaps",
                        description="Score images (files or directories) and write scores.csv plus a heatmap overlay per image.")
     p.add_argument("images", nargs="+", metavar="IMAGES_OR_DIRS", help="image files and/or directories (searched recursively)")
-    add_model_args(p)
+    try:
+        add_model_args(p)
+    except ModuleNotFoundError as exc:  # a deployment without torch: exported models only
+        if exc.name != "torch":
+            raise
+        p.add_argument("--batch-size", type=positive_int, default=8, help="images per model call (default: 8)")
+        p.set_defaults(torch_missing=True)
+    p.add_argument("--model", type=existing_file, default=None, metavar="MODEL.onnx",
+                   help="score with a model from `clipad export` (onnxruntime, no torch needed) instead of a method or "
+                   "--detector; it fixes the method, class, references and thresholds, so model options are refused")
     p.add_argument("--reference", nargs="+", action="extend", type=existing_path, metavar="GOOD", default=None,
                    help="known-good reference images or directories (k-shot; methods with few-shot support); "
                    "takes every path after it, so give it after the images (predict IMAGES --reference GOOD...) "
@@ -354,7 +365,44 @@ def add_predict_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
     p.checks.append(_check_colour_scale)
+    p.checks.insert(0, _check_onnx_model)  # before the model options' check fills in their defaults
     p.hints.append(_hint_swallowed_images)
+
+
+#: options that an exported model fixes: (dest, flag)
+_MODEL_FIXES = (("detector", "--detector"), ("method", "--method"), ("backbone", "--backbone"),
+                ("pretrained", "--pretrained"), ("image_size", "--image-size"), ("device", "--device"),
+                ("precision", "--precision"), ("init_seed", "--init-seed"), ("set", "--set"), ("reference", "--reference"))
+
+
+def _check_onnx_model(ns: argparse.Namespace) -> str | None:
+    """--model excludes the options of a torch model; without torch, --model is the only way."""
+    if getattr(ns, "torch_missing", False) and not ns.model:
+        return ("argument --model: torch is not installed, so only an exported model can score: give --model "
+                "MODEL.onnx (from `clipad export`), or install torch for the methods")
+    if not ns.model:
+        return None
+    given = [flag for dest, flag in _MODEL_FIXES if getattr(ns, dest, None) not in (None, [])]
+    given += ["--compile"] if getattr(ns, "compile", False) else []
+    given += ["--quick-gelu"] if getattr(ns, "quick_gelu", "auto") != "auto" else []
+    if not getattr(ns, "torch_missing", False):
+        from .common import option_items
+
+        given += [flag for flag, _, _ in option_items(ns) if flag != "--set"]
+    if given:
+        return (f"argument {given[0]}: not allowed with --model, whose export fixed the method, backbone, class, "
+                "references and image size; leave it out (with --model: --class-name, --batch-size, --threshold, "
+                "--pixel-threshold and the output options)")
+    return None
+
+
+def _onnx_model(args: argparse.Namespace):
+    """The exported model of ``--model`` (onnxruntime; imports no torch), checked against --class-name."""
+    from ..deploy.runtime import OnnxDetector
+
+    det = OnnxDetector(args.model)
+    det.check_class(args.class_name)
+    return det
 
 
 def _check_colour_scale(ns: argparse.Namespace) -> str | None:

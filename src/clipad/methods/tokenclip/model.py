@@ -34,7 +34,7 @@ What TokenCLIP adds, as implemented:
   global feature instead.
 
 With ``n_subspaces=1`` every token is assigned wholly to the one subspace and TokenCLIP computes
-AnomalyCLIP's function (same prompt parameters, same outputs); ``tests/test_tokenclip.py`` checks it.
+AnomalyCLIP's function (same prompt parameters, same outputs); ``tests/unit/methods/tokenclip/test_tokenclip.py`` checks it.
 """
 
 from __future__ import annotations

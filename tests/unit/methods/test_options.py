@@ -30,9 +30,10 @@ from clipad.methods.anomalyclip.options import AnomalyCLIPOptions
 from clipad.methods.base import Detector, LearnedDetector, LearnedOptions, Options
 from clipad.methods.registry import converters, learned_methods, list_converters
 from clipad.methods.tokenclip.options import TokenCLIPOptions
+from _helpers import FIXTURES_DIR
 
 METHODS = clipad.list_methods()
-LEGACY = Path(__file__).parent / "fixtures" / "legacy"
+LEGACY = FIXTURES_DIR / "legacy"
 SIZE = 64
 
 pytestmark = pytest.mark.usefixtures("one_thread")

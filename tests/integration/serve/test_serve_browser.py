@@ -6,7 +6,7 @@ and a host resolver that maps every name but 127.0.0.1 to nothing, so it talks t
 the server. The DevTools protocol is spoken through a ~60-line WebSocket client on the
 standard library, so the test needs no browser-automation package and no browser download.
 
-``CLIPAD_SCREENSHOT=docs/serve_page.png pytest tests/test_serve_browser.py`` also saves a
+``CLIPAD_SCREENSHOT=docs/serve_page.png pytest tests/integration/serve/test_serve_browser.py`` also saves a
 screenshot of the page with its results. Without Chromium the test is skipped, unless
 ``CLIPAD_REQUIRE_BROWSER=1`` (CI) makes that a failure.
 """

@@ -60,7 +60,7 @@ def _noise(path: Path, side: int, seed: int = 0) -> Path:
 @pytest.fixture
 def offline(tmp_path: Path, monkeypatch):
     """No cached weights anywhere, HF_HUB_OFFLINE=1, and any connection or download fails the test
-    (as tests/test_weights.py's offline tests)."""
+    (as tests/unit/backbones/test_weights.py's offline tests)."""
     import huggingface_hub.constants as hf_constants
 
     home = tmp_path / "home"

@@ -17,14 +17,14 @@ import pytest
 import torch
 
 import clipad
-from _helpers import random_images, report_max_diff, tiny_detector
+from _helpers import FIXTURES_DIR, random_images, report_max_diff, tiny_detector
 from clipad import ClipadError
 from clipad.backbones.clip import OPENAI_MEAN, OPENAI_STD, Backbone
 from clipad.backbones.dualpath import encode_image_dualpath, first_block_of_last
 from clipad.methods.anoclip.model import AnoCLIP, augmented_views, stitch_tiles, tile_offsets
 from clipad.methods.anoclip.prompts import ABNORMAL_STATES, NORMAL_STATES, prompt_class_name, resolve_domain, state_sentences, templates_for
 
-FIXTURES = Path(__file__).parent / "fixtures" / "anoclip"
+FIXTURES = FIXTURES_DIR / "anoclip"
 ATOL = 1e-4
 SIZE = 64  # tiny at 64 px: a 4x4 patch grid keeps property tests fast
 

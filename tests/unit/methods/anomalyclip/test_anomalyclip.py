@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 import clipad
-from _helpers import load_openai_fixture, random_images, report_max_diff, tiny_detector, write_folder_dataset
+from _helpers import FIXTURES_DIR, load_openai_fixture, random_images, report_max_diff, tiny_detector, write_folder_dataset
 from _tolerance import float32_bound
 from clipad import ClipadError
 from clipad.train import loop as training
@@ -30,7 +30,7 @@ from clipad.convert import convert_checkpoint, read_learned_weights
 from clipad.methods.anomalyclip.model import AnomalyCLIP
 from clipad.components.prompt_learning import LearnablePrompts, encode_prompt_embeddings
 
-FIXTURES = Path(__file__).parent / "fixtures" / "anomalyclip"
+FIXTURES = FIXTURES_DIR / "anomalyclip"
 ATOL_MAPS = 1e-4
 ATOL_TRAIN = 1e-5
 SIZE = 64  # tiny at 64 px: a 4x4 patch grid keeps property tests fast

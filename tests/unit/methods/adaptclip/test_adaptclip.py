@@ -21,14 +21,14 @@ import torch
 from PIL import Image
 
 import clipad
-from _helpers import load_openai_fixture, random_images, report_max_diff, tiny_detector, write_folder_dataset
+from _helpers import FIXTURES_DIR, REPO_ROOT, load_openai_fixture, random_images, report_max_diff, tiny_detector, write_folder_dataset
 from _tolerance import float32_bound
 from clipad import ClipadError
 from clipad.train import loop as training
 from clipad.backbones.dualpath import first_block_of_dpam_layer
 from clipad.methods.adaptclip.model import AdaptCLIP, PromptQueryAdapter, TokenAdapter, convert_official, nearest_reference
 
-FIXTURES = Path(__file__).parent / "fixtures" / "adaptclip"
+FIXTURES = FIXTURES_DIR / "adaptclip"
 ATOL_MAPS = 1e-4
 ATOL_TRAIN = 1e-5
 SIZE = 64  # tiny at 64 px: a 4x4 patch grid keeps property tests fast
@@ -478,7 +478,7 @@ def test_smoke_training_loss_decreases_then_predict(tmp_path):
 def test_predict_cli_with_references(tmp_path):
     from clipad.cli import main
 
-    images = Path(__file__).resolve().parents[1] / "examples" / "images"
+    images = REPO_ROOT / "examples" / "images"
     if not images.is_dir():
         pytest.skip("examples/images missing")
     with warnings.catch_warnings():

@@ -100,3 +100,36 @@ def load_openai_fixture(fixtures: Path, name: str, tmp_dir: Path):
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=shape["context_length"])
     backbone = Backbone(model, name=name, pretrained=None, mean=OPENAI_MEAN, std=OPENAI_STD, tokenizer=tokenizer)
     return backbone, meta, expected
+
+
+def start_tiny_server(extra: list[str] = (), env: dict[str, str] | None = None, timeout_s: float = 120.0):
+    """``python -m clipad.serve`` (winclip on tiny, 64 px, CPU) on a free port of 127.0.0.1 ->
+    (process, base URL, stderr lines so far). Stderr is drained by a thread, so the server
+    never blocks on a full pipe; the caller terminates the process."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    cmd = [sys.executable, "-m", "clipad.serve", "--method", "winclip", "--backbone", "tiny", "--pretrained", "none",
+           "--image-size", "64", "--device", "cpu", "--host", "127.0.0.1", "--port", "0", "--log-level", "warning",
+           *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    lines: list[str] = []
+    found: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if " at http://" in line and not found:
+                found.append(line.rsplit(" at ", 1)[1].strip().rstrip("/"))
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not ready.wait(timeout_s) or not found:
+        proc.kill()
+        raise RuntimeError("server did not start:\n" + "".join(lines[-30:]))
+    return proc, found[0], lines

@@ -1,6 +1,6 @@
 """Old module paths keep working: ``import clipad.metrics`` gives :mod:`clipad.eval.metrics`.
 
-Before the layout of folders per concern (0.2), these modules sat at the top of the package.
+Up to clipad 0.1 these modules sat at the top of the package; 0.2 moved them into folders per concern.
 An import of an old name is answered with the module at its new place (the same object, so
 monkeypatching and ``isinstance`` behave as before); nothing is copied.
 """

@@ -128,21 +128,10 @@ def _normal_images(args: argparse.Namespace, det, reference_paths: list[Path]):
     from tqdm import tqdm
 
     from ..deploy.calibrate import NormalCalibrator, pixel_count
-    from ..errors import ClipadError, InvalidValueError
-    from .predict import _exts, _list_inputs, _prefetched_batches
+    from ..errors import InvalidValueError
+    from .predict import _prefetched_batches, collect_inputs
 
-    failures, paths = 0, []
-    for item in args.images:
-        try:
-            found = _list_inputs(item)
-        except ClipadError as exc:
-            report(str(exc))
-            failures += 1
-            continue
-        if not found:
-            report(f"'{item}' holds no images ({', '.join(sorted(e.lstrip('.') for e in _exts()))}); skipped")
-            failures += 1
-        paths.extend(found)
+    paths, failures = collect_inputs(args.images)
     seen = {p.resolve() for p in reference_paths}
     both = [p for p in paths if p.resolve() in seen]
     if both:  # scored against themselves, they would set the threshold too low

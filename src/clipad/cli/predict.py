@@ -89,6 +89,26 @@ def _list_inputs(item: str, reference: bool = False) -> list[Path]:
     return found
 
 
+def collect_inputs(items: list[str]) -> tuple[list[Path], int]:
+    """(image paths, number of failed items) of the files and folders ``items``; each item that
+    cannot be listed or holds no image is reported on one line and counts as a failure."""
+    from ..errors import ClipadError
+
+    failures, paths = 0, []
+    for item in items:
+        try:
+            found = _list_inputs(item)
+        except ClipadError as exc:
+            report(str(exc))
+            failures += 1
+            continue
+        if not found:
+            report(f"'{item}' holds no images ({', '.join(sorted(e.lstrip('.') for e in _exts()))}); skipped")
+            failures += 1
+        paths.extend(found)
+    return paths, failures
+
+
 def _load_batch(paths: list[Path], max_pixels: int | None = None):
     from ..errors import ImageReadError
     from ..data.images import load_image
@@ -215,24 +235,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from ..errors import ClipadError, ImageReadError
+    from ..errors import ImageReadError
     from ..data.images import load_image
     from ..eval.files import atomic_write, display_path, write_error_message
     from ..eval import viz
 
-    failures = 0
-    paths: list[Path] = []
-    for item in args.images:
-        try:
-            found = _list_inputs(item)
-        except ClipadError as exc:
-            report(str(exc))
-            failures += 1
-            continue
-        if not found:
-            report(f"'{item}' holds no images ({', '.join(sorted(e.lstrip('.') for e in _exts()))}); skipped")
-            failures += 1
-        paths.extend(found)
+    paths, failures = collect_inputs(args.images)
     if not paths:
         report("no images to process")
         return EXIT_FAILED_INPUTS

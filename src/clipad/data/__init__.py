@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and readers
     from clipad.data.factory import create_dataset, list_datasets
     from clipad.data.folder import folder_dataset
-    from clipad.data.loading import Batch, LoadedSample, LoadFailure, SampleLoader, collate_samples, make_loader
+    from clipad.data.loading import (
+        Batch,
+        LoadedSample,
+        LoadFailure,
+        SampleLoader,
+        collate_samples,
+        make_loader,
+    )
     from clipad.data.meta import meta_dataset
     from clipad.data.mvtec import mvtec_dataset
     from clipad.data.sample import ANOMALOUS, NORMAL, AnomalyDataset, Sample

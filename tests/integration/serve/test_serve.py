@@ -6,7 +6,6 @@ Expected scores and maps come from calling the detector directly: the service mu
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import io

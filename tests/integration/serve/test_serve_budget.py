@@ -24,7 +24,6 @@ import concurrent.futures
 import io
 import os
 import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -51,6 +50,7 @@ from clipad.serve import images as serve_images  # noqa: E402
 from clipad.serve.app import background_server, create_app  # noqa: E402
 from clipad.serve.batcher import Batcher, predict_groups  # noqa: E402
 from clipad.serve.budget import PixelBudget, RequestTooLarge, ServerBusy, check_request  # noqa: E402
+from _helpers import start_tiny_server
 
 #: Most the server's RSS may grow (peak during the attack, and after it) over its RSS before.
 #: Unbounded, one 6000x6000 bomb alone costs ~1 GB and a request of 20 of them ~20 GB.
@@ -151,28 +151,8 @@ class _RssWatch:
 
 
 def _start_server(extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "clipad.serve", "--method", "winclip", "--backbone", "tiny", "--pretrained", "none",
-           "--image-size", "64", "--device", "cpu", "--host", "127.0.0.1", "--port", "0", "--log-level", "warning",
-           *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
-    lines: list[str] = []
-    found: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:  # keeps draining stderr so the server never blocks on a full pipe
-        for line in proc.stderr:
-            lines.append(line)
-            if " at http://" in line and not found:
-                found.append(line.rsplit(" at ", 1)[1].strip().rstrip("/"))
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not ready.wait(120) or not found:
-        proc.kill()
-        raise RuntimeError("server did not start:\n" + "".join(lines[-30:]))
-    return proc, found[0]
+    proc, url, _ = start_tiny_server(extra, env={"OMP_NUM_THREADS": "1"})
+    return proc, url
 
 
 # --------------------------------------------------------------------------- the attack, end to end

@@ -13,8 +13,6 @@ import asyncio
 import io
 import os
 import subprocess
-import sys
-import threading
 import time
 import warnings
 
@@ -28,6 +26,7 @@ pytest.importorskip("multipart", reason="python-multipart is needed for file upl
 httpx = pytest.importorskip("httpx", reason="the load test's client is httpx")
 
 import clipad  # noqa: E402
+from _helpers import start_tiny_server
 
 N_REQUESTS = int(os.environ.get("CLIPAD_LOAD_REQUESTS", "500"))
 N_CLIENTS = 16
@@ -49,28 +48,8 @@ def _png(image: Image.Image) -> bytes:
 
 
 def _start_server() -> tuple[subprocess.Popen, str, list[str]]:
-    cmd = [sys.executable, "-m", "clipad.serve", "--method", "winclip", "--backbone", "tiny", "--pretrained", "none",
-           "--image-size", "64", "--device", "cpu", "--host", "127.0.0.1", "--port", "0",
-           "--max-batch", "16", "--max-wait-ms", "5", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "CLIPAD_TOKEN": "load-test-token", "PYTHONWARNINGS": "ignore"})
-    lines: list[str] = []
-    found: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:  # keeps draining stderr so the server never blocks on a full pipe
-        for line in proc.stderr:
-            lines.append(line)
-            if " at http://" in line and not found:
-                found.append(line.rsplit(" at ", 1)[1].strip().rstrip("/"))
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not ready.wait(STARTUP_TIMEOUT_S) or not found:
-        proc.kill()
-        raise RuntimeError("server did not start:\n" + "".join(lines[-30:]))
-    return proc, found[0], lines
+    return start_tiny_server(["--max-batch", "16", "--max-wait-ms", "5"], env={"CLIPAD_TOKEN": "load-test-token"},
+                             timeout_s=STARTUP_TIMEOUT_S)
 
 
 async def _run_load(url: str, payloads: list[bytes], headers: dict) -> tuple[list, float]:

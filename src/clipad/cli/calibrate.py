@@ -105,24 +105,6 @@ def _check_inputs(ns: argparse.Namespace) -> str | None:
     return None
 
 
-def _references(args: argparse.Namespace) -> tuple[list, list[Path], int]:
-    """(images, their paths, failures) of --reference."""
-    from ..data.images import load_image
-    from ..errors import ImageReadError
-    from .predict import _list_inputs
-
-    images, paths, failures = [], [], 0
-    for item in args.reference or []:
-        for p in _list_inputs(item, reference=True):
-            try:
-                images.append(load_image(p, max_pixels=max_image_pixels(args)))
-                paths.append(p)
-            except ImageReadError as exc:
-                report(f"reference {exc}; skipped")
-                failures += 1
-    return images, paths, failures
-
-
 def _normal_images(args: argparse.Namespace, det, reference_paths: list[Path]):
     """-> (thresholds, failures) of the normal images named on the command line."""
     from tqdm import tqdm
@@ -153,9 +135,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from ..deploy.calibrate import Calibration, calibrate
     from ..errors import SkippedInputWarning
     from ..eval.files import display_path
+    from .predict import read_references
 
     det = build_detector(args)
-    refs, ref_paths, failures = _references(args)
+    refs, ref_paths, failures = read_references(args)
     if args.reference:
         if not refs:
             report("none of the --reference images could be read")

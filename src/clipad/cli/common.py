@@ -16,7 +16,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE = 0, 1, 2
 
@@ -143,58 +143,28 @@ def _float(text: str, expected: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = _int(text, "a positive integer")
-    if value < 1:
-        _fail(text, "a positive integer")
-    return value
+def _bounded(name: str, parse: Callable[[str, str], Any], expected: str, ok: Callable[[Any], bool]):
+    """The argparse type ``name``: ``parse`` the text, then ``ok(value)``, else fail with ``must be {expected}``."""
+
+    def check(text: str):
+        value = parse(text, expected)
+        if not ok(value):
+            _fail(text, expected)
+        return value
+
+    check.__name__ = check.__qualname__ = name  # argparse names the type by it
+    check.__doc__ = f"argparse type: {expected}."
+    return check
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    value = _int(text, "an integer >= 0")
-    if value < 0:
-        _fail(text, "an integer >= 0")
-    return value
-
-
-def seed_int(text: str) -> int:
-    """argparse type: a random seed, 0 .. 2**32 - 1 (what every generator clipad seeds accepts)."""
-    expected = f"an integer from 0 to {2**32 - 1}"
-    value = _int(text, expected)
-    if not 0 <= value < 2**32:
-        _fail(text, expected)
-    return value
-
-
-def port(text: str) -> int:
-    """argparse type: a TCP port, 0 .. 65535 (0: any free port)."""
-    value = _int(text, "a TCP port from 0 to 65535")
-    if not 0 <= value <= 65535:
-        _fail(text, "a TCP port from 0 to 65535")
-    return value
-
-
-def finite_float(text: str) -> float:
-    """argparse type: a finite number (no nan, no inf)."""
-    return _float(text, "a finite number")
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    value = _float(text, "a finite number > 0")
-    if value <= 0:
-        _fail(text, "a finite number > 0")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite number >= 0."""
-    value = _float(text, "a finite number >= 0")
-    if value < 0:
-        _fail(text, "a finite number >= 0")
-    return value
+positive_int = _bounded("positive_int", _int, "a positive integer", lambda v: v >= 1)
+non_negative_int = _bounded("non_negative_int", _int, "an integer >= 0", lambda v: v >= 0)
+# a random seed: what every generator clipad seeds accepts
+seed_int = _bounded("seed_int", _int, f"an integer from 0 to {2**32 - 1}", lambda v: 0 <= v < 2**32)
+port = _bounded("port", _int, "a TCP port from 0 to 65535", lambda v: 0 <= v <= 65535)  # 0: any free port
+finite_float = _bounded("finite_float", _float, "a finite number", lambda v: True)  # _float refuses nan, inf
+positive_float = _bounded("positive_float", _float, "a finite number > 0", lambda v: v > 0)
+non_negative_float = _bounded("non_negative_float", _float, "a finite number >= 0", lambda v: v >= 0)
 
 
 def non_empty(text: str) -> str:

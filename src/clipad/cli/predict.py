@@ -109,6 +109,23 @@ def collect_inputs(items: list[str]) -> tuple[list[Path], int]:
     return paths, failures
 
 
+def read_references(args: argparse.Namespace) -> tuple[list, list[Path], int]:
+    """(images, their paths, failures) of ``--reference``; each unreadable one is reported on one line."""
+    from ..data.images import load_image
+    from ..errors import ImageReadError
+
+    images, paths, failures = [], [], 0
+    for item in args.reference or []:
+        for p in _list_inputs(item, reference=True):
+            try:
+                images.append(load_image(p, max_pixels=max_image_pixels(args)))
+                paths.append(p)
+            except ImageReadError as exc:
+                report(f"reference {exc}; skipped")
+                failures += 1
+    return images, paths, failures
+
+
 def _load_batch(paths: list[Path], max_pixels: int | None = None):
     from ..errors import ImageReadError
     from ..data.images import load_image
@@ -235,8 +252,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from ..errors import ImageReadError
-    from ..data.images import load_image
     from ..eval.files import atomic_write, display_path, write_error_message
     from ..eval import viz
 
@@ -247,15 +262,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     det = _onnx_model(args) if args.model else build_detector(args)
     if args.reference:
-        refs, ref_paths = [], []
-        for item in args.reference:
-            for p in _list_inputs(item, reference=True):
-                try:
-                    refs.append(load_image(p, max_pixels=max_image_pixels(args)))
-                    ref_paths.append(p)
-                except ImageReadError as exc:
-                    report(f"reference {exc}; skipped")
-                    failures += 1
+        refs, _, failed = read_references(args)
+        failures += failed
         if not refs:
             report("none of the --reference images could be read")
             return EXIT_FAILED_INPUTS

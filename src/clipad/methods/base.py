@@ -488,6 +488,8 @@ class Detector(nn.Module):
         (:attr:`thresholds`); ``threshold`` / ``pixel_threshold`` override them for this call,
         in the units of the returned scores / maps. ``calibrated=False``: raw scores and maps,
         no stored threshold or normalisation (the overrides still apply)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidValueError(f"batch_size must be a positive integer; got {batch_size!r}")
         tensors = as_image_list(images)
         scores, maps = [], []
         # results are copied to the host without waiting (non_blocking) and the device is

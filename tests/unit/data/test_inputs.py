@@ -124,3 +124,10 @@ def test_other_dtypes_are_rejected(det, x, dtype):
 def test_zero_and_one_are_in_range(det):
     det.predict(torch.zeros(1, 3, SIZE, SIZE))
     det.predict(torch.ones(3, SIZE, SIZE))
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_predict_batch_size_must_be_a_positive_integer(bad):
+    det = clipad.create_detector("winclip", backbone="tiny", device="cpu", image_size=64)
+    with pytest.raises(clipad.InvalidValueError, match="batch_size must be a positive integer"):
+        det.predict(torch.rand(1, 3, 64, 64), batch_size=bad)

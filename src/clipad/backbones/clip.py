@@ -152,6 +152,7 @@ def create_backbone(
     device: str | torch.device = "cpu",
     seed: int = 0,
     quick_gelu: bool | None = None,
+    config_activation: bool = False,
     cache_dir: str | None = None,
 ) -> Backbone:
     """Build a frozen backbone.
@@ -169,6 +170,12 @@ def create_backbone(
             ViT-L-14...): True for OpenAI/MetaCLIP/DFN-trained weights, e.g. ``model.state_dict()``
             of OpenAI's code. A value that contradicts the name or the weights is an error
             (rules: :mod:`clipad.backbones.weights`).
+        config_activation: run the activation the architecture's open_clip config names (GELU for
+            ``ViT-L-14-336``) whatever the weights were trained with, and accept an explicit
+            ``quick_gelu`` that contradicts the weights. A method quirk, not a user option: the
+            official code of MuSc and AdaCLIP rebuilds CLIP from the JSON config and loads OpenAI's
+            QuickGELU-trained weights into its GELU MLPs (methods ask for it through
+            :meth:`clipad.methods.base.Detector.backbone_options`).
 
     Raises:
         InvalidValueError: ``quick_gelu`` contradicts the name or the weights.
@@ -185,7 +192,8 @@ def create_backbone(
     # '-quickgelu' architectures carry the flag in their config; it is passed once, below
     arch_quick_gelu = bool(cfg.pop("quick_gelu", False))
     use_quick_gelu = weights_mod.choose_quick_gelu(
-        name, requested=quick_gelu, arch_quick_gelu=arch_quick_gelu, source=source, openai_file=is_openai
+        name, requested=quick_gelu, arch_quick_gelu=arch_quick_gelu, source=source, openai_file=is_openai,
+        config_activation=config_activation,
     )
     if source is None or source.kind == "random":
         warnings.warn(
@@ -304,7 +312,9 @@ class Backbone(nn.Module):
 
         ``mode="bicubic"`` is open_clip's ``resize_pos_embed`` (antialiased bicubic, whose kernel
         differs from plain bicubic even when upsampling), so the tower computes what open_clip's
-        own model built at that resolution computes; other modes are plain ``F.interpolate``.
+        own model built at that resolution computes; ``"bicubic-plain"`` is plain bicubic (A = -0.75,
+        no antialias), what older open_clip copies vendored by MuSc and AdaCLIP do; other modes
+        are plain ``F.interpolate`` (``"bilinear"``, ``"nearest"``...).
         """
         pos = self.visual.positional_embedding
         if tuple(grid) == self.native_grid:
@@ -312,9 +322,10 @@ class Backbone(nn.Module):
         g0h, g0w = self.native_grid
         cls_pos, grid_pos = pos[:1], pos[1:]
         grid_pos = grid_pos.reshape(1, g0h, g0w, -1).permute(0, 3, 1, 2)
-        kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+        kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic", "bicubic-plain") else {}
         if mode == "bicubic":
             kwargs["antialias"] = True
+        mode = "bicubic" if mode == "bicubic-plain" else mode
         grid_pos = F.interpolate(grid_pos.float(), size=tuple(grid), mode=mode, **kwargs)
         grid_pos = grid_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
         return torch.cat([cls_pos, grid_pos], dim=0)

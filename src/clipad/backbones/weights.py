@@ -277,6 +277,7 @@ def choose_quick_gelu(
     arch_quick_gelu: bool,
     source: WeightsSource | None,
     openai_file: bool = False,
+    config_activation: bool = False,
 ) -> bool:
     """Whether ``backbone`` must run QuickGELU (True) or GELU (False); rules in the module docstring.
 
@@ -285,6 +286,9 @@ def choose_quick_gelu(
         arch_quick_gelu: the architecture config's own flag (True for ``-quickgelu`` names).
         source: the resolved weights (None or kind "random" for random weights).
         openai_file: :func:`read_state_dict` recognised the file as OpenAI's.
+        config_activation: the method runs the architecture config's activation whatever the
+            weights say (auto -> ``arch_quick_gelu``); an explicit request is then checked against
+            the name only, so a saved detector of such a method reloads as it ran.
 
     Raises:
         InvalidValueError: ``requested`` contradicts the architecture name or the weights.
@@ -294,6 +298,10 @@ def choose_quick_gelu(
     if requested is not None and not isinstance(requested, bool):
         raise InvalidTypeError(f"quick_gelu must be None (auto), True or False; got {requested!r}")
     weights_say, why = _weights_activation(source, openai_file)
+    if config_activation:
+        weights_say = None  # the method's official code ignores what the weights were trained with
+        if requested is None:
+            return arch_quick_gelu
     if requested is not None:
         if arch_quick_gelu and not requested:
             raise InvalidValueError(

@@ -356,6 +356,14 @@ class Detector(nn.Module):
         """Model input size when the ``image_size`` option is None (240, WinCLIP's and AnoCLIP's)."""
         return 240
 
+    @classmethod
+    def backbone_options(cls, options: Options) -> dict[str, Any]:
+        """Keyword arguments :func:`clipad.create_detector` adds to the backbone factory for
+        these options: where a method's official code builds its backbone unusually (e.g.
+        ``{"config_activation": True}``: GELU MLPs for OpenAI weights, as MuSc and AdaCLIP run
+        them). Empty by default."""
+        return {}
+
     @property
     def options(self) -> dict[str, Any]:
         """Every option, JSON-able (tuples as lists): what :meth:`save` records and

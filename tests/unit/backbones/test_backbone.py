@@ -7,6 +7,8 @@ so what is checked is that clipad's token-stream view computes the same function
 
 from __future__ import annotations
 
+import math
+
 import warnings
 
 import open_clip
@@ -225,6 +227,41 @@ def test_other_interpolation_modes_work(bb: Backbone):
         size=(15, 20), mode="bilinear", align_corners=False,
     ).permute(0, 2, 3, 1).reshape(15 * 20, -1)
     torch.testing.assert_close(bb.positional_embedding((15, 20), "bilinear")[1:], expected, rtol=0, atol=ATOL)
+
+
+def _plain_bicubic_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """[n_out, n_in] weights of plain bicubic resampling (Keys, A = -0.75, half-pixel centres,
+    edge indices clamped), written out as a loop: the reference of "bicubic-plain"."""
+    a, scale = -0.75, n_in / n_out
+
+    def cubic(t: float) -> float:
+        t = abs(t)
+        if t <= 1:
+            return (a + 2) * t**3 - (a + 3) * t**2 + 1
+        return a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a if t < 2 else 0.0
+
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for o in range(n_out):
+        src = (o + 0.5) * scale - 0.5
+        base = math.floor(src)
+        for k in range(base - 1, base + 3):
+            m[o, min(max(k, 0), n_in - 1)] += cubic(src - k)
+    return m
+
+
+def test_plain_bicubic_positional_embedding(bb: Backbone):
+    """MuSc's and AdaCLIP's vendored open_clip resize the table with plain bicubic (no antialias):
+    "bicubic-plain" equals the explicit separable Keys kernel and differs from open_clip's."""
+    g0 = bb.native_grid[0]
+    table = bb.visual.positional_embedding[1:].double().reshape(g0, g0, -1)
+    rows, cols = _plain_bicubic_matrix(g0, 15), _plain_bicubic_matrix(g0, 20)
+    expected = torch.einsum("ri,ijc,sj->rsc", rows, table, cols).reshape(15 * 20, -1)
+    got = bb.positional_embedding((15, 20), "bicubic-plain")
+    torch.testing.assert_close(got[1:].double(), expected, rtol=0, atol=ATOL)
+    assert torch.equal(got[0], bb.visual.positional_embedding[0])
+    assert (got - bb.positional_embedding((15, 20), "bicubic")).abs().max() > 100 * ATOL
+    x = _images(1, 240, 320, seed=6)
+    assert not torch.allclose(bb.encode_image(x, pos_interp="bicubic-plain").cls, bb.encode_image(x).cls)
 
 
 def test_normalize_uses_clip_mean_and_std(bb: Backbone):

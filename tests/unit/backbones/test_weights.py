@@ -533,3 +533,29 @@ def test_cached_tag_file_is_found_offline(empty_caches, monkeypatch, tmp_path: P
     source = weights_mod.resolve("ViT-B-16-plus-240", "laion400m_e31")
     assert source.kind == "tag" and source.tag == "laion400m_e31"
     assert source.path == cached
+
+
+# --------------------------------------------------------------------------- config activation (MuSc, AdaCLIP)
+
+
+def test_config_activation_runs_gelu_with_openai_weights(tmp_path: Path, source_sd):
+    """The official code of MuSc and AdaCLIP rebuilds CLIP from the JSON config (GELU) and loads
+    OpenAI's QuickGELU-trained weights into it: config_activation=True reproduces that."""
+    path = tmp_path / "openai-style.pt"
+    torch.save({**source_sd, **OPENAI_KEYS}, path)
+    bb = create_backbone("tiny", path, config_activation=True)
+    assert _gelu_name(bb) == "GELU"
+    _assert_same_weights(bb, source_sd)
+    # what such a detector records (quick_gelu=False) reloads without the contradiction error
+    again = create_backbone("tiny", path, quick_gelu=False, config_activation=True)
+    assert _gelu_name(again) == "GELU"
+    # an explicit request still wins, and a '-quickgelu' name is still checked
+    assert create_backbone("tiny", path, quick_gelu=True, config_activation=True).quick_gelu
+
+
+def test_config_activation_keeps_a_quickgelu_architecture(tmp_path: Path, source_sd, qg_archs):
+    path = tmp_path / "w.safetensors"
+    save_file(source_sd, str(path))
+    assert create_backbone(QG_NAME, path, config_activation=True).quick_gelu
+    with pytest.raises(clipad.InvalidValueError, match="quickgelu"):
+        create_backbone(QG_NAME, path, quick_gelu=False, config_activation=True)

@@ -131,6 +131,11 @@ INVALID: dict[str, list] = {
     "max_request_pixels": [*_FLOATS_POSITIVE, ("300", [])],  # over the default in-flight budget
     "max_inflight_pixels": [*_FLOATS_POSITIVE, ("10", [])],  # under the default request budget
     "log_level": ["verbose"],
+    # scale-out (predict, eval): --ray [ADDRESS]; the others only with --ray
+    "ray": ["", "x", "host:x", "host:70000", "host:0", "http://host:6379"],
+    "actors": [*_INTS_POSITIVE, "2"],  # "2": without --ray
+    "gpus_per_actor": ["-1", "nan", "inf", "x", "", "0.5"],  # "0.5": without --ray
+    "predict.ray": [("local", ["--threshold=0.5"]), ("local", ["--vmin=0", "--vmax=1"])],  # not with --ray
 }
 
 #: Options whose values are not usage errors, and why.

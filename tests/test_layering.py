@@ -11,7 +11,7 @@ Layers, lowest first (docs/architecture.md draws them)::
     methods
     api, convert
     eval
-    train, serve, deploy
+    train, serve, deploy, distributed
     cli
 
 A module may import modules of its own package (any layer) and of strictly lower layers;
@@ -39,7 +39,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("methods",),
     ("api", "convert"),
     ("eval",),
-    ("train", "serve", "deploy"),
+    ("train", "serve", "deploy", "distributed"),
     ("cli",),
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .backbones.clip import _check_name, create_backbone
+from .backbones import backbone_family, check_backbone_name, create_backbone, tiny_backbone
 from .checkpoint import checkpoint_error, read_checkpoint, read_learned_weights, split_tensors
 from .errors import ClipadError, UnknownNameError
 from .methods import get_method
@@ -36,7 +36,8 @@ def create_detector(
 
     Args:
         method: a registered method name (:func:`clipad.list_methods`).
-        backbone: ``tiny`` or an open_clip architecture; default: the method's paper backbone.
+        backbone: ``tiny`` (the tiny random model of the method's backbone family), an open_clip
+            architecture or a DINOv2 name (``dinov2_vits14``...); default: the method's paper backbone.
         pretrained: open_clip tag, checkpoint file, or None (random init). Default: the method's
             tag when the backbone is the method's default, None for ``tiny``; other backbones
             need it explicitly.
@@ -49,19 +50,17 @@ def create_detector(
             ``checkpoint=FILE`` loads that file's learned weights.
     """
     cls = get_method(method)
-    backbone = backbone or cls.default_backbone
-    # An unknown name is reported as such (with the valid names) before asking for pretrained=.
-    _check_name(backbone)
+    backbone = backbone_for(cls, backbone or cls.default_backbone)
     opts = make_options(cls, options)
     if pretrained is _UNSET:
-        if backbone == "tiny":
+        if backbone in ("tiny", tiny_backbone("dinov2")):
             pretrained = None
         elif backbone == cls.default_backbone:
             pretrained = cls.default_pretrained
         else:
             raise ClipadError(
-                f"backbone '{backbone}' needs an explicit pretrained= (an open_clip tag, a checkpoint "
-                "file, or None for random weights)"
+                f"backbone '{backbone}' needs an explicit pretrained= (an open_clip tag, 'lvd142m' for DINOv2, "
+                "a checkpoint file, or None for random weights)"
             )
     checkpoint = opts.checkpoint if issubclass(cls, LearnedDetector) else None
     # read (and checked) before anything is built: a bad file fails fast
@@ -117,10 +116,33 @@ def load_detector(
     return det
 
 
+def backbone_for(cls: type[Detector], name: str) -> str:
+    """The backbone name a method builds for ``name``: ``"tiny"`` becomes the tiny model of the
+    method's first family (:attr:`Detector.backbone_families`); an unknown name, or one of a family
+    the method cannot run on, is an error naming the valid choices (before pretrained= is asked for).
+
+    Raises:
+        UnknownNameError: no such backbone. ClipadError: a backbone of another family.
+    """
+    families = getattr(cls, "backbone_families", ("clip",))
+    if name == "tiny":
+        name = tiny_backbone(families[0])
+    check_backbone_name(name)
+    family = backbone_family(name)
+    if family not in families:
+        wanted = " or ".join("DINOv2" if f == "dinov2" else "CLIP" for f in families)
+        example = "dinov2_vits14, dinov2_vitb14_reg, 'tiny'" if families[0] == "dinov2" else "ViT-B-16-plus-240, 'tiny'"
+        raise ClipadError(
+            f"method '{cls.name}' runs on {wanted} backbones; '{name}' is a {'DINOv2' if family == 'dinov2' else 'CLIP'} "
+            f"backbone. Pass one of its family (e.g. {example}; all: clipad.list_backbones())"
+        )
+    return name
+
+
 def _check_backbone(name: str) -> None:
-    """:func:`_check_name` with a short message for an unknown name (its own lists every architecture)."""
+    """:func:`check_backbone_name` with a short message for an unknown name (its own lists every architecture)."""
     try:
-        _check_name(name)
+        check_backbone_name(name)
     except UnknownNameError:
         raise UnknownNameError(f"unknown backbone '{name}' (clipad.list_backbones() lists the valid names)") from None
 

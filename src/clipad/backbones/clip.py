@@ -417,21 +417,49 @@ class Backbone(nn.Module):
         """[T] strings -> [T, context_length] token ids on the backbone's device."""
         return self.tokenizer(texts).to(self.device)
 
-    def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def encode_text(
+        self, token_ids: torch.Tensor, *, layer_hook: LayerHook | None = None, min_length: int = 0
+    ) -> torch.Tensor:
         """[T, L] token ids -> [T, D] text embeddings (not normalised).
 
         With a causal mask and pooling at the end-of-text token (the argmax id), positions after
         the last EOT cannot influence the result, so the sequence is cut there: prompts of ~15
         tokens then cost a fifth of the full 77-token context.
+
+        ``layer_hook(index, x)``, when given, is called before each text block (0-based
+        ``index``) with the batch-first hidden states ``x`` [T, L', W] (token embeddings plus
+        positions for index 0) and returns None (keep) or a tensor of the same shape that
+        replaces them, e.g. with learned prompt vectors written over some positions (AdaCLIP's
+        text prompts). ``min_length``: keep at least that many positions in the cut sequence
+        (a hook that writes positions 1..M needs ``min_length = M + 1``, else a short sentence
+        would be cut before them, or its EOT overwritten where the full context would not).
         """
         clip = self.clip
-        if getattr(clip, "text_pool_type", None) != "argmax" or getattr(clip, "attn_mask", None) is None:
+        standard = getattr(clip, "text_pool_type", None) == "argmax" and getattr(clip, "attn_mask", None) is not None
+        if not standard:
+            if layer_hook is not None:
+                raise ClipadError(f"backbone '{self.name}' has no causal argmax-pooled text tower; text layer hooks need one")
             return clip.encode_text(token_ids)
         eot = token_ids.argmax(dim=-1)
-        length = int(eot.max()) + 1
+        length = min(max(int(eot.max()) + 1, int(min_length)), token_ids.shape[1])
         cast = clip.transformer.get_cast_dtype()
         x = clip.token_embedding(token_ids[:, :length]).to(cast) + clip.positional_embedding[:length].to(cast)
-        return self.pool_text(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]), eot)
+        mask = clip.attn_mask[:length, :length]
+        if layer_hook is None:
+            return self.pool_text(clip.transformer(x, attn_mask=mask), eot)
+        tower = clip.transformer
+        batch_first = getattr(tower, "batch_first", True)
+        for i, blk in enumerate(tower.resblocks):
+            out = layer_hook(i, x)
+            if out is not None:
+                if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+                    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                    raise InvalidValueError(
+                        f"text layer_hook returned {got} before block {i}; return None or a tensor of shape {tuple(x.shape)}"
+                    )
+                x = out
+            x = blk(x, attn_mask=mask) if batch_first else blk(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
+        return self.pool_text(x, eot)
 
     def pool_text(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
         """Final text-tower states [T, L, W] and EOT positions [T] -> [T, D] text embeddings

@@ -647,3 +647,54 @@ def max_image_pixels(args: argparse.Namespace) -> int | None:
     """``--max-image-pixels`` in pixels, the ``max_pixels`` of the image readers (None: Pillow's limit)."""
     mp = getattr(args, "max_image_pixels", None)
     return None if mp is None else max(1, round(mp * 1_000_000))
+
+
+# --------------------------------------------------------------------------- scale-out (Ray Data)
+
+_RAY_ADDRESS = re.compile(r"(?:ray://)?[A-Za-z0-9._-]+:(\d+)")
+
+
+def ray_address(text: str) -> str:
+    """argparse type of ``--ray``: ``local``, ``auto`` or a cluster's ``HOST:PORT`` /
+    ``ray://HOST:PORT`` (``ray start --head`` prints it); checked without importing ray."""
+    expected = ("'local', 'auto', HOST:PORT or ray://HOST:PORT (a cluster from `ray start --head`); for a local "
+                "instance give --ray with no value after the images")
+    if text in ("local", "auto"):
+        return text
+    m = _RAY_ADDRESS.fullmatch(text)
+    if not m or not 1 <= int(m[1]) <= 65535:
+        _fail(text, expected)
+    return text
+
+
+#: dest -> flag of the options that only --ray uses
+_RAY_ONLY = {"actors": "--actors", "gpus_per_actor": "--gpus-per-actor", "resume": "--resume"}
+
+
+def add_ray_args(p: argparse.ArgumentParser) -> None:
+    """``--ray [ADDRESS]``, ``--actors``, ``--gpus-per-actor`` and ``--resume`` of predict and eval
+    (:mod:`clipad.distributed`; needs ``pip install "clipad[ray]"``). Registers :func:`_ray_check`."""
+    g = p.add_argument_group('scale-out on Ray Data (pip install "clipad[ray]"; see docs/scale.md)')
+    g.add_argument("--ray", nargs="?", const="local", default=None, type=ray_address, metavar="ADDRESS",
+                   help="score on Ray Data: detector actors fed by CPU decode tasks, results in shards under --out; "
+                   "no value: a local Ray instance on this machine's CPUs/GPUs; ADDRESS: an existing cluster")
+    g.add_argument("--actors", type=positive_int, default=None, metavar="N",
+                   help="detector actors, i.e. model copies (default: 1)")
+    g.add_argument("--gpus-per-actor", type=non_negative_float, default=None, metavar="F",
+                   help="GPUs per actor, fractions allowed (default: 0, CPU actors)")
+    g.add_argument("--resume", action="store_true",
+                   help="keep the shards an interrupted --ray run wrote to --out and score only the rest")
+    p.checks.append(_ray_check)
+
+
+def _ray_check(ns: argparse.Namespace) -> str | None:
+    if ns.ray is None:
+        given = [flag for dest, flag in _RAY_ONLY.items() if getattr(ns, dest) not in (None, False)]
+        return f"argument {given[0]}: only with --ray; add --ray (a local instance) or --ray ADDRESS" if given else None
+    return None
+
+
+def ray_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of :func:`clipad.distributed.predict` / ``evaluate`` from the --ray options."""
+    return {"address": None if args.ray == "local" else args.ray, "actors": args.actors or 1,
+            "gpus_per_actor": args.gpus_per_actor or 0.0, "resume": args.resume}

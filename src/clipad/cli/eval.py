@@ -9,6 +9,7 @@ from .common import (
     add_dataset_args,
     add_max_image_pixels_arg,
     add_model_args,
+    add_ray_args,
     build_detector,
     dataset_from_args,
     device,
@@ -17,6 +18,7 @@ from .common import (
     non_negative_int,
     output_dir,
     positive_int,
+    ray_options,
     report,
     seed_int,
 )
@@ -55,6 +57,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--examples", type=non_negative_int, default=3, help="highest- and lowest-scoring images per class in the report")
     add_max_image_pixels_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_ray_args(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -63,6 +66,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..eval.files import display_path, display_text
     from ..eval.run import format_table, run, table_rows, write_outputs
 
+    if args.ray is not None:
+        from ..distributed.runtime import require_ray
+
+        require_ray()  # the one clear line before anything is read or built
     dataset = dataset_from_args(args)
     # with --detector: the saved detector, named by its own method (args.method is None then)
     methods = args.method if isinstance(args.method, list) else [args.method]
@@ -71,17 +78,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ns = argparse.Namespace(**{**vars(args), "method": method})
         det = build_detector(ns)
         method = det.name
-        result = run(
-            det, dataset, classes=args.classes, shots=args.shots, seed=args.seed, eval_size=args.eval_size,
-            batch_size=args.batch_size, workers=args.workers, protocol=args.protocol, n_examples=args.examples,
-            quiet=args.quiet, metrics_device=args.metrics_device, resize=args.resize,
-            max_pixels=max_image_pixels(args),
-        )
+        out = Path(args.out) if len(methods) == 1 else Path(args.out) / method
+        if args.ray is not None:  # the same result, scored by Ray Data actors (shards under out)
+            from ..distributed import evaluate
+
+            result = evaluate(
+                dataset, out, detector=det, classes=args.classes, shots=args.shots, seed=args.seed,
+                eval_size=args.eval_size, batch_size=args.batch_size, protocol=args.protocol, n_examples=args.examples,
+                progress=not args.quiet, metrics_device=args.metrics_device, resize=args.resize,
+                max_pixels=max_image_pixels(args), **ray_options(args),
+            )
+        else:
+            result = run(
+                det, dataset, classes=args.classes, shots=args.shots, seed=args.seed, eval_size=args.eval_size,
+                batch_size=args.batch_size, workers=args.workers, protocol=args.protocol, n_examples=args.examples,
+                quiet=args.quiet, metrics_device=args.metrics_device, resize=args.resize,
+                max_pixels=max_image_pixels(args),
+            )
         if not result.classes:
             report(f"{method}: no image could be evaluated")
             any_failed = True
             continue
-        out = Path(args.out) if len(methods) == 1 else Path(args.out) / method
         config = {
             "method": method, "backbone": det.backbone.name, "pretrained": det.backbone.pretrained,
             "image_size": det.image_size, "eval_size": args.eval_size or det.image_size,

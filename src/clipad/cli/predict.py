@@ -25,6 +25,7 @@ from .common import (
     EXIT_OK,
     add_max_image_pixels_arg,
     add_model_args,
+    add_ray_args,
     build_detector,
     existing_file,
     existing_path,
@@ -33,6 +34,7 @@ from .common import (
     non_empty,
     output_dir,
     positive_int,
+    ray_options,
     report,
 )
 
@@ -255,6 +257,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ..eval.files import atomic_write, display_path, write_error_message
     from ..eval import viz
 
+    if args.ray is not None:
+        return _cmd_predict_ray(args)
     paths, failures = collect_inputs(args.images)
     if not paths:
         report("no images to process")
@@ -286,7 +290,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     used: set[str] = set()
     bar = tqdm(total=len(paths), desc=f"{det.name}", unit="img", file=sys.stderr, disable=args.quiet)
     try:
-        for batch_paths, images, errors in _prefetched_batches(paths, args.batch_size, max_image_pixels(args)):
+        # a transductive method (MuSc) scores all the inputs together, as one set of one class
+        chunk = len(paths) if getattr(det, "transductive", False) else args.batch_size
+        for batch_paths, images, errors in _prefetched_batches(paths, chunk, max_image_pixels(args)):
             for exc in errors:
                 report(f"{exc}; skipped")
                 failures += 1
@@ -339,6 +345,57 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_predict_ray(args: argparse.Namespace) -> int:
+    """``--ray``: :func:`clipad.distributed.predict`; scores.csv, shards/ and maps/ under --out."""
+    from ..distributed.runtime import require_ray
+    from ..eval.files import display_path
+
+    require_ray()  # the one clear line before anything is read or built
+    paths, failures = collect_inputs(args.images)
+    if not paths:
+        report("no images to process")
+        return EXIT_FAILED_INPUTS
+    det = build_detector(args)
+    refs = None
+    if args.reference:
+        refs, _, failed = read_references(args)
+        failures += failed
+        if not refs:
+            report("none of the --reference images could be read")
+            return EXIT_FAILED_INPUTS
+    from .. import distributed
+
+    summary = distributed.predict(
+        paths, args.out, detector=det, references=refs, class_name=args.class_name, batch_size=args.batch_size,
+        save_maps=args.save_maps, progress=not args.quiet, max_pixels=max_image_pixels(args), **ray_options(args),
+    )
+    failures += len(summary["failed"])
+    resumed = f", {summary['skipped_resumed']} done by an earlier run" if summary["skipped_resumed"] else ""
+    print(f"{summary['scored']} image(s) scored{resumed} -> {display_path(summary['scores'])}; "
+          f"{summary['images_per_s']:.1f} images/s, {summary['shards']} shard(s)"
+          + (f", maps in {display_path(Path(args.out) / 'maps')}" if args.save_maps else ""))
+    if failures:
+        report(f"{failures} input(s) failed; see the lines above")
+        return EXIT_FAILED_INPUTS
+    return EXIT_OK
+
+
+#: options of the single-process path that --ray does not take: (dest, flag)
+_NOT_WITH_RAY = (("model", "--model"), ("threshold", "--threshold"), ("pixel_threshold", "--pixel-threshold"),
+                 ("vmin", "--vmin"), ("vmax", "--vmax"), ("compile", "--compile"))
+
+
+def _check_ray(ns: argparse.Namespace) -> str | None:
+    """--ray writes scores and maps (no heatmaps, no masks) with the detector's own thresholds."""
+    if getattr(ns, "ray", None) is None:
+        return None
+    given = [flag for dest, flag in _NOT_WITH_RAY if getattr(ns, dest, None) not in (None, False)]
+    if given:
+        return (f"argument {given[0]}: not with --ray, which writes scores (with the detector's calibrated labels) "
+                "and maps, no heatmaps or masks; leave it out, or run without --ray")
+    return None
+
+
 def _exts():
     from ..data.images import IMAGE_EXTENSIONS
 
@@ -379,8 +436,10 @@ def add_predict_parser(sub) -> None:
                    "(default: the detector's calibrated pixel threshold; else no masks)")
     add_max_image_pixels_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_ray_args(p)
     p.set_defaults(func=cmd_predict)
     p.checks.append(_check_colour_scale)
+    p.checks.append(_check_ray)
     p.checks.insert(0, _check_onnx_model)  # before the model options' check fills in their defaults
     p.hints.append(_hint_swallowed_images)
 

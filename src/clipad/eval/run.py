@@ -12,6 +12,8 @@ bicubic, masks PIL bilinear then > 0.5, the inputs behind the papers' numbers.
 
 Maps are held as float16 at the evaluation size for one class at a time, so memory is bounded
 by the largest class, not by the dataset (VisA's largest class at 518 px: about 0.3 GB).
+A transductive method (MuSc) gets each class's whole test set in one call
+(:meth:`~clipad.methods.base.Detector.score_normalized_set`), its backbone still batch by batch.
 
 A file that cannot be read is skipped, listed in ``RunResult.failures`` and announced at once by a
 :class:`~clipad.errors.SkippedInputWarning`; undefined metrics by an ``UndefinedMetricWarning``
@@ -115,6 +117,14 @@ def evaluate_class(
     )
     # scores and maps stay on the device until the class is done: no host synchronisation per batch
     scores, labels, maps, masks, known, kept = [], [], [], [], [], []
+    pending: list[torch.Tensor] = []  # a transductive method scores the whole class at once, below
+
+    def keep(s: torch.Tensor, m: torch.Tensor) -> None:
+        if tuple(m.shape[-2:]) != (eval_size, eval_size):
+            m = F.interpolate(m[:, None], size=(eval_size, eval_size), mode="bilinear", align_corners=False)[:, 0]
+        scores.append(s)
+        maps.append(m.to(torch.float16))
+
     for batch in loader:
         for fail in batch.failures:
             failures.append(str(fail))
@@ -126,17 +136,18 @@ def evaluate_class(
             runs = [torch.stack(images[i:j]) for i, j in equal_runs([tuple(t.shape) for t in images])]
         for run in runs:
             x = det.backbone.normalize(run.to(det.device, non_blocking=True))
-            s, m = det.score_normalized(x, class_name=class_name)
-            if tuple(m.shape[-2:]) != (eval_size, eval_size):
-                m = F.interpolate(m[:, None], size=(eval_size, eval_size), mode="bilinear", align_corners=False)[:, 0]
-            scores.append(s)
-            maps.append(m.to(torch.float16))
+            if getattr(det, "transductive", False):
+                pending.append(x)
+            else:
+                keep(*det.score_normalized(x, class_name=class_name))
         for smp, mk in zip(batch.samples, batch.masks):
             labels.append(smp.label)
             known.append(mk is not None)
             masks.append(_resize_mask(mk, eval_size, resize) if mk is not None else torch.zeros(eval_size, eval_size, dtype=torch.bool))
             kept.append(smp)
         progress.update(len(batch) + len(batch.failures))
+    if pending:
+        keep(*det.score_normalized_set(pending, class_name=class_name))
     if not kept:
         return None
     scores_np = torch.cat(scores).cpu().numpy().astype(np.float64)

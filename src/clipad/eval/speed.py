@@ -6,7 +6,10 @@ are measured together (:func:`measure_interleaved`): the same number of warm-up 
 ``--repeats`` timed, device-synchronised calls taken in turns, so that neither is timed colder or
 under other load than the other; medians reported as ms/image and images/s, and their ratio
 ("x bare", the overhead of the method); peak device memory; achieved TFLOP/s against an analytic
-FLOP count of one image-tower forward.
+FLOP count of one image-tower forward. A transductive method (MuSc) scores a set of
+``set_size`` = max(batch, its :attr:`~clipad.methods.base.Detector.min_set_size`) images together,
+its backbone ``batch`` images at a time; its ms/image grows with the set (mutual scoring costs
+set_size^2).
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ def vit_forward_flops(backbone: Backbone, image_size: int) -> float:
     n = (image_size // ph) * (image_size // pw) + 1
     w = backbone.width
     blk = backbone.blocks[0]
-    mlp = blk.mlp.c_fc.out_features if hasattr(blk.mlp, "c_fc") else 4 * w
+    # open_clip's MLP names its first layer c_fc, timm's (DINOv2) fc1
+    first = getattr(blk.mlp, "c_fc", None) or getattr(blk.mlp, "fc1", None)
+    mlp = first.out_features if first is not None else 4 * w
     macs = (n - 1) * 3 * ph * pw * w  # patch embedding (no CLS)
     macs += backbone.depth * (4 * n * w * w + 2 * n * n * w + 2 * n * w * mlp)
     macs += w * backbone.embed_dim
@@ -104,41 +109,48 @@ def bench_method(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         det = create_detector(method, backbone=backbone, pretrained=None, device=device, **opts)
-    if channels_last:
-        det.backbone.visual.conv1.to(memory_format=torch.channels_last)
+    if channels_last:  # the patch embedding: CLIP's conv1, DINOv2's patch_embed.proj
+        patchify = det.backbone.visual.conv1 if hasattr(det.backbone, "visual") else det.backbone.model.patch_embed.proj
+        patchify.to(memory_format=torch.channels_last)
     if compile:
         det.compile()
     dev = det.device
     size = det.image_size
+    shots = shots or (1 if det.needs_reference else 0)  # few-shot-only methods (AnomalyDINO): 1 shot
     if shots:
         det.set_reference(torch.rand(shots, 3, size, size))
     flops = vit_forward_flops(det.backbone, size)
     rows = []
     for b in batches:
-        x = det.backbone.normalize(torch.rand(b, 3, size, size, device=dev))
+        # a transductive method scores a set of n images together, its backbone b at a time
+        n = max(b, det.min_set_size) if det.transductive else b
+        x = det.backbone.normalize(torch.rand(n, 3, size, size, device=dev))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
 
         def run_method():
-            det.score_normalized(x, class_name="object")
+            if det.transductive:
+                det.score_normalized_set(list(x.split(b)), class_name="object")
+            else:
+                det.score_normalized(x, class_name="object")
 
         def run_backbone():
             with torch.no_grad(), det.autocast():
-                det.backbone.encode_image(x)
+                det.backbone.encode_image(x[:b])
 
         # together, in turns: the bare forward warmed and timed exactly as the method
         (t_method, _), (t_bare, _) = measure_interleaved([run_method, run_backbone], dev, repeats, warmup)
         rows.append({
             "method": method, "backbone": det.backbone.name, "image_size": size, "shots": shots,
-            "device": str(dev), "dtype": dtype, "batch": b, "compile": compile, "channels_last": channels_last,
-            "threads": torch.get_num_threads(),
-            "ms_per_image": 1e3 * t_method / b, "images_per_s": b / t_method,
+            "device": str(dev), "dtype": dtype, "batch": b, "set_size": n, "compile": compile,
+            "channels_last": channels_last, "threads": torch.get_num_threads(),
+            "ms_per_image": 1e3 * t_method / n, "images_per_s": n / t_method,
             "backbone_ms_per_image": 1e3 * t_bare / b,
-            "overhead_vs_backbone": t_method / t_bare,
+            "overhead_vs_backbone": (t_method / n) / (t_bare / b),
             "backbone_tflops": flops * b / t_bare / 1e12,
-            "method_tflops": flops * b / t_method / 1e12,  # backbone FLOPs only: a lower bound
+            "method_tflops": flops * n / t_method / 1e12,  # backbone FLOPs only: a lower bound
             "peak_memory_mb": _peak_memory_mb(dev),
         })
     return rows

@@ -11,6 +11,9 @@ from . import anoclip  # noqa: F401
 from . import anomalyclip  # noqa: F401
 from . import adaptclip  # noqa: F401
 from . import tokenclip  # noqa: F401
+from . import adaclip  # noqa: F401
+from . import musc  # noqa: F401
+from . import anomalydino  # noqa: F401
 
 __all__ = ["Detector", "LearnedDetector", "LearnedOptions", "Options", "Prediction", "Thresholds", "get_method",
            "list_methods", "register_method"]

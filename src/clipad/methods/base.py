@@ -324,6 +324,14 @@ class Detector(nn.Module):
     default_backbone: ClassVar[str] = "ViT-B-16-plus-240"
     default_pretrained: ClassVar[str | None] = None
     few_shot: ClassVar[bool] = False
+    #: backbone families the method runs on (:func:`clipad.backbones.backbone_family`); the first
+    #: one's tiny model is what ``backbone="tiny"`` builds
+    backbone_families: ClassVar[tuple[str, ...]] = ("clip",)
+    #: True: few-shot only (AnomalyDINO): predicting a class without references is an error
+    needs_reference: ClassVar[bool] = False
+    #: True: the method scores a set of images of one class against each other (MuSc), so
+    #: :meth:`predict` and ``clipad eval`` give :meth:`score_set` the whole set in one call
+    transductive: ClassVar[bool] = False
 
     def __init__(self, backbone: Backbone, options: Options | None = None, **kwargs: Any) -> None:
         """``options``: an instance of the class's :attr:`Options`, or the same as keywords
@@ -357,11 +365,11 @@ class Detector(nn.Module):
         return 240
 
     @classmethod
-    def backbone_options(cls, options: Options) -> dict[str, Any]:
+    def backbone_options(cls, options: Options, backbone: str | None = None) -> dict[str, Any]:
         """Keyword arguments :func:`clipad.create_detector` adds to the backbone factory for
-        these options: where a method's official code builds its backbone unusually (e.g.
-        ``{"config_activation": True}``: GELU MLPs for OpenAI weights, as MuSc and AdaCLIP run
-        them). Empty by default."""
+        these options (and the ``backbone`` architecture name, where given): where a method's
+        official code builds its backbone unusually (e.g. ``{"config_activation": True}``: GELU
+        MLPs for OpenAI weights, as MuSc and AdaCLIP run them). Empty by default."""
         return {}
 
     @property
@@ -384,6 +392,19 @@ class Detector(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised images [B, 3, S, S] -> (scores [B], maps [B, S, S])."""
         raise NotImplementedError(f"{type(self).__name__} must implement score_batch(x, class_name, reference)")
+
+    def score_set(
+        self, batches: list[torch.Tensor], class_name: str, reference: dict[str, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transductive methods: the whole set as normalised batches [b_i, 3, S, S] (each at most
+        ``predict``'s ``batch_size``, so the backbone can run batch by batch) -> (scores [N],
+        maps [N, S, S]) in the order of the batches. Default: :meth:`score_batch` of them all."""
+        return self.score_batch(torch.cat(batches), class_name, reference)
+
+    @property
+    def min_set_size(self) -> int:
+        """Fewest images a transductive method scores together (1 for the others)."""
+        return 1
 
     def encode_reference(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Normalised normal images [K, 3, S, S] -> the method's reference memory."""
@@ -471,13 +492,45 @@ class Detector(nn.Module):
         return self.backbone.normalize(x.float()), sizes
 
     @torch.no_grad()
-    def score_normalized(self, x: torch.Tensor, class_name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised [B, 3, H, W] (H, W from :meth:`input_size`) -> (scores [B], maps [B, H, W]) as float32."""
+    def score_normalized(
+        self, x: torch.Tensor, class_name: str | None = None, *, finish: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised [B, 3, H, W] (H, W from :meth:`input_size`) -> (scores [B], maps [B, H, W]) as float32.
+        ``finish=False``: the maps as :meth:`score_batch` gives them (before :meth:`finish_maps`)."""
         name = class_name or DEFAULT_CLASS
         reference = self.reference_for(name)
         with self.autocast():
             scores, maps = self.score_batch(x, name, reference)
-        return scores.float(), maps.float()
+        maps = maps.float()
+        return scores.float(), self.finish_maps(maps, tuple(x.shape[-2:])) if finish else maps
+
+    def finish_maps(self, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Maps [B, h, w] of :meth:`score_batch` -> [B, H, W] at ``size`` (each input's original
+        size in :meth:`predict`, the model input size in :meth:`score_normalized`). Default: bilinear
+        resizing (the identity at the model size); a method whose official code post-processes
+        at the output size (AnomalyDINO: Gaussian blur at the original image size) overrides it."""
+        return resize_map(maps, size)
+
+    @torch.no_grad()
+    def score_normalized_set(
+        self, batches: list[torch.Tensor], class_name: str | None = None, *, finish: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`score_normalized` for a transductive method: the whole set as normalised
+        batches (all of one size) -> (scores [N], maps [N, H, W]) as float32; ``finish`` as there.
+
+        Raises:
+            InvalidValueError: fewer images than :attr:`min_set_size`."""
+        n = sum(int(x.shape[0]) for x in batches)
+        if n < self.min_set_size:
+            raise InvalidValueError(
+                f"method '{self.name}' scores a set of images of one class against each other and needs at least "
+                f"{self.min_set_size} images in one call; got {n}. Pass the whole set (e.g. all test images of a class) at once"
+            )
+        name = class_name or DEFAULT_CLASS
+        with self.autocast():
+            scores, maps = self.score_set(list(batches), name, self.reference_for(name))
+        maps = maps.float()
+        return scores.float(), self.finish_maps(maps, tuple(batches[0].shape[-2:])) if finish else maps
 
     def predict(
         self,
@@ -495,11 +548,21 @@ class Detector(nn.Module):
         Decisions (``labels``, ``masks``) come from the class's calibrated :class:`Thresholds`
         (:attr:`thresholds`); ``threshold`` / ``pixel_threshold`` override them for this call,
         in the units of the returned scores / maps. ``calibrated=False``: raw scores and maps,
-        no stored threshold or normalisation (the overrides still apply)."""
+        no stored threshold or normalisation (the overrides still apply).
+
+        A :attr:`transductive` method scores all ``images`` together, as one set (of one class):
+        the backbone still runs ``batch_size`` images at a time."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidValueError(f"batch_size must be a positive integer; got {batch_size!r}")
         tensors = as_image_list(images)
         scores, maps = [], []
+        pending: list[tuple[torch.Tensor, list[tuple[int, int]]]] = []  # transductive: scored together below
+
+        def keep(s: torch.Tensor, m: torch.Tensor, originals: list[tuple[int, int]]) -> None:
+            scores.append(s.to("cpu", non_blocking=True))
+            for a, b in equal_runs(originals):
+                maps.extend(self.finish_maps(m[a:b], originals[a]).to("cpu", non_blocking=True).unbind(0))
+
         # results are copied to the host without waiting (non_blocking) and the device is
         # synchronised once at the end, so the loop never stalls the GPU's queue
         for start in range(0, len(tensors), batch_size):
@@ -508,11 +571,17 @@ class Detector(nn.Module):
             for i, j in equal_runs(sizes):
                 part = chunk[i:j]
                 x = self.backbone.normalize(resize_batch(part, sizes[i], self.device).float())
-                s, m = self.score_normalized(x, class_name)
-                scores.append(s.to("cpu", non_blocking=True))
                 originals = [tuple(img.shape[-2:]) for img in part]
-                for a, b in equal_runs(originals):
-                    maps += list(resize_map(m[a:b], originals[a]).to("cpu", non_blocking=True).unbind(0))
+                if self.transductive:
+                    pending.append((x, originals))
+                else:
+                    keep(*self.score_normalized(x, class_name, finish=False), originals)
+        if pending:
+            s, m = self.score_normalized_set([x for x, _ in pending], class_name, finish=False)
+            start = 0
+            for x, originals in pending:
+                keep(s[start : start + len(x)], m[start : start + len(x)], originals)
+                start += len(x)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         image_scores = torch.cat(scores)

@@ -67,6 +67,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.5, 0.999)
     seed: int = 111
     max_steps: int | None = None  # stop early (smoke runs); None = all epochs
+    optimizer: str = "adam"  # "adam" | "adamw" (decoupled weight decay, AdaCLIP's official optimiser)
+    weight_decay: float = 0.0
 
     @classmethod
     def for_method(cls, det: LearnedDetector, **overrides: Any) -> TrainConfig:
@@ -93,11 +95,16 @@ class TrainResult:
 
 
 def make_optimizer(det: LearnedDetector, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam over the method's parameter groups (official: lr 1e-3, betas (0.5, 0.999))."""
+    """Adam over the method's parameter groups (official: lr 1e-3, betas (0.5, 0.999)), or AdamW
+    with ``config.weight_decay`` where the method's recipe says ``optimizer="adamw"``."""
     groups = det.param_groups(config.lr)
     if not any(len(g["params"]) for g in groups):
         raise ClipadError(f"method '{det.name}' has no trainable parameters")
-    return torch.optim.Adam(groups, lr=config.lr, betas=tuple(config.betas))
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+    if config.optimizer != "adam":
+        raise ClipadError(f"optimizer must be 'adam' or 'adamw'; got {config.optimizer!r}")
+    return torch.optim.Adam(groups, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
 
 
 def train_step(

@@ -35,9 +35,22 @@ RANDOM_INIT = "randomly initialised"
 
 
 def _build(method: str, **options) -> clipad.Detector:
+    """The method on tiny; few-shot-only methods (``needs_reference``) get a default reference
+    set, so that every test can predict."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=f".*{RANDOM_INIT}.*")
-        return clipad.create_detector(method, backbone="tiny", pretrained=None, device="cpu", **options)
+        return _ready(clipad.create_detector(method, backbone="tiny", pretrained=None, device="cpu", **options))
+
+
+def _ready(d: clipad.Detector) -> clipad.Detector:
+    if d.needs_reference:
+        d.set_reference(torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(42)))
+    return d
+
+
+def _backbone_weights(d: clipad.Detector) -> dict[str, torch.Tensor]:
+    """The backbone's own state dict, as a weights file holds it (CLIP: open_clip keys; DINOv2: timm keys)."""
+    return (d.backbone.clip if hasattr(d.backbone, "clip") else d.backbone.model).state_dict()
 
 
 def _uint8_images(n: int, size: tuple[int, int], seed: int = 0) -> list[np.ndarray]:
@@ -48,6 +61,25 @@ def _uint8_images(n: int, size: tuple[int, int], seed: int = 0) -> list[np.ndarr
 def _as_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
     """uint8 [H, W, 3] arrays -> float [B, 3, H, W] in [0, 1], independently of clipad's reader."""
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def _predict(det: clipad.Detector, images, **kwargs) -> clipad.Prediction:
+    """``det.predict(images, **kwargs)``. A transductive method scores a set of at least
+    ``det.min_set_size`` images together: the inputs are completed with seeded random images of
+    the first input's size (the same for every call), and the inputs' own outputs returned."""
+    if not det.transductive:
+        return det.predict(images, **kwargs)
+    from clipad.data.transforms import as_image_list
+
+    items = as_image_list(images)
+    extra = max(0, det.min_set_size - len(items))
+    context = torch.rand(extra, 3, *items[0].shape[-2:], generator=torch.Generator().manual_seed(99))
+    pred = det.predict(items + list(context), **kwargs)
+    n = len(items)
+    maps = pred.anomaly_maps[:n]
+    if isinstance(maps, list) and len({tuple(m.shape) for m in maps}) == 1:
+        maps = torch.stack(maps)
+    return clipad.Prediction(image_scores=pred.image_scores[:n], anomaly_maps=maps)
 
 
 def _assert_prediction(pred: clipad.Prediction, n: int, size: tuple[int, int]) -> None:
@@ -87,8 +119,8 @@ def test_registry_lists_winclip():
 def test_acceptance_line(method: str):
     """The exact line of the acceptance criterion (default image size), on CPU."""
     with pytest.warns(UserWarning, match=RANDOM_INIT):
-        d = clipad.create_detector(method, backbone="tiny", pretrained=None, device="cpu")
-    pred = d.predict(torch.rand(2, 3, 240, 240))
+        d = _ready(clipad.create_detector(method, backbone="tiny", pretrained=None, device="cpu"))
+    pred = _predict(d, torch.rand(2, 3, 240, 240))
     _assert_prediction(pred, 2, (240, 240))
 
 
@@ -96,7 +128,7 @@ def test_random_init_warns_only_for_random_weights(method: str, tmp_path: Path):
     with pytest.warns(UserWarning, match=RANDOM_INIT):
         d = clipad.create_detector(method, backbone="tiny", pretrained=None, device="cpu", image_size=SIZE)
     weights = tmp_path / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in d.backbone.clip.state_dict().items()}, str(weights))
+    save_file({k: v.contiguous() for k, v in _backbone_weights(d).items()}, str(weights))
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=f".*{RANDOM_INIT}.*")  # a file of weights is not random
         clipad.create_detector(method, backbone="tiny", pretrained=weights, device="cpu", image_size=SIZE)
@@ -115,29 +147,29 @@ def test_detector_facts(det: clipad.Detector, method: str):
 
 def test_tensor_batch_at_another_size(det: clipad.Detector):
     """Maps come back at the input's size, not the model's."""
-    pred = det.predict(torch.rand(3, 3, 80, 56))
+    pred = _predict(det, torch.rand(3, 3, 80, 56))
     _assert_prediction(pred, 3, (80, 56))
 
 
 def test_single_chw_tensor(det: clipad.Detector):
     x = torch.rand(3, 48, 72)
-    pred = det.predict(x)
+    pred = _predict(det, x)
     _assert_prediction(pred, 1, (48, 72))
-    batched = det.predict(x[None])
+    batched = _predict(det, x[None])
     torch.testing.assert_close(pred.image_scores, batched.image_scores, rtol=0, atol=1e-6)
     torch.testing.assert_close(pred.anomaly_maps, batched.anomaly_maps, rtol=0, atol=1e-6)
 
 
 def test_pil_list_and_path_list_equal_tensor(det: clipad.Detector, tmp_path: Path):
     arrays = _uint8_images(3, (SIZE, SIZE), seed=1)
-    from_tensor = det.predict(_as_tensor(arrays))
-    from_pil = det.predict([Image.fromarray(a) for a in arrays])
+    from_tensor = _predict(det, _as_tensor(arrays))
+    from_pil = _predict(det, [Image.fromarray(a) for a in arrays])
     paths = []
     for i, a in enumerate(arrays):
         paths.append(tmp_path / f"img{i}.png")  # PNG is lossless: same pixels back
         Image.fromarray(a).save(paths[-1])
-    from_paths = det.predict(paths)
-    from_str_paths = det.predict([str(p) for p in paths])
+    from_paths = _predict(det, paths)
+    from_str_paths = _predict(det, [str(p) for p in paths])
     _assert_prediction(from_pil, 3, (SIZE, SIZE))
     for other in (from_pil, from_paths, from_str_paths):
         torch.testing.assert_close(other.image_scores, from_tensor.image_scores, rtol=0, atol=1e-6)
@@ -148,26 +180,30 @@ def test_single_path_and_single_pil(det: clipad.Detector, tmp_path: Path):
     (array,) = _uint8_images(1, (40, 52), seed=2)
     Image.fromarray(array).save(tmp_path / "one.png")
     for item in (Image.fromarray(array), tmp_path / "one.png", str(tmp_path / "one.png")):
-        _assert_prediction(det.predict(item), 1, (40, 52))
+        _assert_prediction(_predict(det, item), 1, (40, 52))
 
 
 def test_mixed_list_with_different_sizes(det: clipad.Detector, tmp_path: Path):
-    """Each map at its own input's size, as a list; each item scored as if it were alone."""
+    """Each map at its own input's size, as a list; each item scored as if it were alone (not for
+    transductive methods, whose scores depend on the set)."""
     a_tensor = torch.rand(3, 64, 48)
     (b_array, c_array) = _uint8_images(1, (50, 70), seed=3) + _uint8_images(1, (33, 41), seed=4)
     Image.fromarray(c_array).save(tmp_path / "c.png")
     items = [a_tensor, Image.fromarray(b_array), tmp_path / "c.png"]
-    pred = det.predict(items)
+    pred = _predict(det, items)
     assert pred.image_scores.shape == (3,) and pred.image_scores.dtype == torch.float32
     assert isinstance(pred.anomaly_maps, list) and len(pred.anomaly_maps) == 3
     sizes = [(64, 48), (50, 70), (33, 41)]
     for amap, size, item in zip(pred.anomaly_maps, sizes, items):
         assert amap.shape == size and amap.dtype == torch.float32
         assert torch.isfinite(amap).all()
+        if det.transductive:
+            continue
         alone = det.predict([item])
         torch.testing.assert_close(alone.anomaly_maps[0], amap, rtol=0, atol=1e-5)
-    alone_scores = torch.cat([det.predict([item]).image_scores for item in items])
-    torch.testing.assert_close(pred.image_scores, alone_scores, rtol=0, atol=1e-5)
+    if not det.transductive:
+        alone_scores = torch.cat([det.predict([item]).image_scores for item in items])
+        torch.testing.assert_close(pred.image_scores, alone_scores, rtol=0, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- invariances
@@ -184,19 +220,19 @@ def test_batch_size_invariance(det: clipad.Detector):
 
 def test_deterministic(det: clipad.Detector, method: str):
     x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(6))
-    first, second = det.predict(x), det.predict(x)
+    first, second = _predict(det, x), _predict(det, x)
     assert torch.equal(first.image_scores, second.image_scores)
     assert torch.equal(first.anomaly_maps, second.anomaly_maps)
     # A second detector built with the same seed computes the same function.
-    again = _build(method, image_size=SIZE).predict(x)
+    again = _predict(_build(method, image_size=SIZE), x)
     assert torch.equal(first.image_scores, again.image_scores)
     assert torch.equal(first.anomaly_maps, again.anomaly_maps)
 
 
 def test_seed_changes_random_weights(method: str):
-    a = _build(method, image_size=SIZE, seed=0).backbone.clip.state_dict()
-    b = _build(method, image_size=SIZE, seed=1).backbone.clip.state_dict()
-    assert not torch.equal(a["visual.conv1.weight"], b["visual.conv1.weight"])
+    a = _backbone_weights(_build(method, image_size=SIZE, seed=0))
+    b = _backbone_weights(_build(method, image_size=SIZE, seed=1))
+    assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)
 
 
 # --------------------------------------------------------------------------- save / load
@@ -220,7 +256,7 @@ def test_save_load_zero_shot_bit_identical(method: str, tmp_path: Path):
     assert sd.keys() == sd2.keys()
     assert all(torch.equal(sd[k], sd2[k]) for k in sd)
     x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
-    _assert_same_prediction(d.predict(x), loaded.predict(x))
+    _assert_same_prediction(_predict(d, x), _predict(loaded, x))
 
 
 def test_save_load_keeps_non_default_options(method: str, tmp_path: Path):
@@ -264,7 +300,11 @@ def test_save_load_with_references_bit_identical(method: str, tmp_path: Path):
 
     loaded.clear_reference()
     loaded.clear_reference("bottle")
-    _assert_same_prediction(zero_shot, loaded.predict(x))
+    if loaded.needs_reference:  # few-shot only: no references is a clear error, not a guess
+        with pytest.raises(ClipadError, match="reference"):
+            loaded.predict(x)
+    else:
+        _assert_same_prediction(zero_shot, loaded.predict(x))
 
 
 def test_load_detector_rejects_foreign_safetensors(tmp_path: Path):

@@ -66,7 +66,7 @@ def create_detector(
     # read (and checked) before anything is built: a bad file fails fast
     learned = read_learned_weights(checkpoint, cls.name) if checkpoint is not None else None
     dev = torch.device(device) if device is not None else default_device()
-    bb = create_backbone(backbone, pretrained, device=dev, seed=seed, quick_gelu=quick_gelu, **cls.backbone_options(opts))
+    bb = create_backbone(backbone, pretrained, device=dev, seed=seed, quick_gelu=quick_gelu, **cls.backbone_options(opts, backbone))
     det = cls(bb, opts if checkpoint is None else replace(opts, checkpoint=None))
     det.seed = seed
     if learned is not None:  # once the method has built its modules

@@ -281,14 +281,14 @@ def pretrained_source(text: str) -> str:
 
 
 def backbone_name(text: str) -> str:
-    """argparse type of ``--backbone``: ``tiny`` or an open_clip ViT architecture (checked as
+    """argparse type of ``--backbone``: ``tiny``, an open_clip ViT architecture or a DINOv2 name (checked as
     :func:`clipad.create_detector` does; imports open_clip)."""
-    from ..backbones.clip import _check_name
+    from ..backbones import check_backbone_name
     from ..errors import ClipadError
 
     non_empty(text)
     try:
-        _check_name(text)
+        check_backbone_name(text)
     except ClipadError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text

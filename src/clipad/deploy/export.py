@@ -34,8 +34,9 @@ module functions while it runs: export while nothing else uses them):
 AnoCLIP tiles non-square images (``tile_non_square``); the graph takes the square model size, so
 the runtime squashes them instead (a :class:`~clipad.errors.ClipadWarning` at export says so).
 
-Methods that optimise per image cannot be a fixed graph and are refused (:func:`export_refusal`):
-AnoCLIP with ``tta=True`` (an adapter trained on every image).
+Methods that cannot be one fixed graph per image are refused (:func:`export_refusal`): AnoCLIP with
+``tta=True`` (an adapter trained on every image), AnomalyDINO (a PCA per image), MuSc (scores a set
+of images against each other) and AdaCLIP (k-means per image).
 
 :func:`verify` runs the eager detector and onnxruntime on the same images and reports max
 |Δscore|, max |Δmap| and the agreement of labels and masks; fp32 tolerance 1e-4 (absolute).
@@ -93,11 +94,9 @@ def _require_onnx() -> Any:
 
 
 def export_refusal(det: Detector) -> str | None:
-    """Why ``det`` cannot be one fixed graph (a one-line message with the fix), or None."""
-    if det.name == "anoclip" and getattr(det, "tta", False):
-        return ("anoclip with tta=True trains an adapter on every image (test-time adaptation); no fixed graph computes "
-                "that: export it without test-time adaptation (leave out --tta, or --set tta=false)")
-    return None
+    """Why ``det`` cannot be one fixed graph (a one-line message with the fix), or None: each
+    method says so itself (:meth:`~clipad.methods.base.Detector.export_refusal`)."""
+    return det.export_refusal()
 
 
 #: (module, function) of functions of sizes and constants only, whose results are constants of the

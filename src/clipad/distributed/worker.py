@@ -197,6 +197,11 @@ def _die_once(marker_dir: Path) -> None:
     os._exit(1)
 
 
+class InjectedFailure(Exception):
+    """The crash the test hooks (``CLIPAD_RAY_FAIL_*``) inject into an actor: not a user's mistake,
+    so deliberately not a :class:`~clipad.errors.ClipadError`."""
+
+
 def _fail_after(spec: str) -> None:
     """Test hook: the first ``n`` batches of the job (counted across processes by marker files
     created with O_EXCL) go through; every later one raises."""
@@ -207,4 +212,4 @@ def _fail_after(spec: str) -> None:
             return
         except FileExistsError:
             continue
-    raise RuntimeError(f"CLIPAD_RAY_FAIL_AFTER: batch after the first {n} (test hook)")
+    raise InjectedFailure(f"CLIPAD_RAY_FAIL_AFTER: batch after the first {n} (test hook)")

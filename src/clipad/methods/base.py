@@ -372,6 +372,11 @@ class Detector(nn.Module):
         MLPs for OpenAI weights, as MuSc and AdaCLIP run them). Empty by default."""
         return {}
 
+    def export_refusal(self) -> str | None:
+        """Why this detector cannot be exported as one fixed ONNX graph (one line with the fix),
+        or None when it can (:mod:`clipad.deploy.export`)."""
+        return None
+
     @property
     def options(self) -> dict[str, Any]:
         """Every option, JSON-able (tuples as lists): what :meth:`save` records and

@@ -187,6 +187,18 @@ def test_test_time_adaptation_is_refused(tmp_path):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "test-time adaptation" in err
 
 
+@pytest.mark.parametrize("method,why", [("anomalydino", "PCA"), ("musc", "transductive"), ("adaclip", "k-means")])
+def test_methods_without_a_fixed_graph_are_refused(tmp_path, method, why):
+    det = tiny_detector(method, image_size=SIZE)
+    with pytest.raises(InvalidValueError, match=why):
+        ex.export_onnx(det, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+    code, _, err = _run(["export", "--method", method, "--backbone", "tiny", "--image-size", str(SIZE),
+                         "--out", str(tmp_path / "m.onnx")])
+    errors = [line for line in err.strip().splitlines() if not line.startswith("clipad: note:")]
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("clipad: cannot export") and why in errors[0], err
+
+
 def test_float_input_model_resizes_as_predict_does(tmp_path):
     """Other sizes: the runtime's bicubic (Pillow "F") and bilinear map resizing are torch's."""
     det = tiny_detector("anomalyclip", image_size=SIZE)

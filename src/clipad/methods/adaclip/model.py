@@ -235,12 +235,16 @@ class AdaCLIP(LearnedDetector):
         self._tokens: dict[str, tuple[torch.Tensor, int]] = {}
         self.reset_parameters(0)
 
+    def export_refusal(self) -> str | None:
+        return ("adaclip's image score clusters every image's patches with k-means (hybrid semantic fusion), which "
+                "has no fixed-graph form; run it with clipad predict / the Python API instead")
+
     @classmethod
     def default_input_size(cls, backbone: Backbone) -> int:
         return default_image_size(backbone.patch_size[0])
 
     @classmethod
-    def backbone_options(cls, options: AdaCLIPOptions) -> dict[str, Any]:
+    def backbone_options(cls, options: AdaCLIPOptions, backbone: str | None = None) -> dict[str, Any]:
         """GELU MLPs whatever the weights were trained with, as the official model (quirk)."""
         return {"config_activation": True}
 

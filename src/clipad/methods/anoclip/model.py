@@ -250,6 +250,12 @@ class AnoCLIP(Detector):
         self._compat_first_image = True
 
     # -- text ----------------------------------------------------------------------------------
+    def export_refusal(self) -> str | None:
+        if not self.tta:
+            return None
+        return ("anoclip with tta=True trains an adapter on every image (test-time adaptation); no fixed graph computes "
+                "that: export it without test-time adaptation (leave out --tta, or --set tta=false)")
+
     def prompt_phrases(self, class_name: str) -> tuple[str, ...]:
         """The domain phrases used for ``class_name``."""
         if self.domain_phrases is not None:

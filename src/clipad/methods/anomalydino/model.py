@@ -162,6 +162,10 @@ class AnomalyDINO(Detector):
     Options = AnomalyDINOOptions
     opts: AnomalyDINOOptions
 
+    def export_refusal(self) -> str | None:
+        return ("anomalydino masks the background with a PCA of every test image (an SVD, which ONNX has no operator "
+                "for); run it with clipad predict / the Python API instead")
+
     @classmethod
     def default_input_size(cls, backbone) -> int:
         return 448

@@ -203,6 +203,10 @@ class MuSc(Detector):
         ph, pw = backbone.patch_size
         self.grid = (self.image_size // ph, self.image_size // pw)
 
+    def export_refusal(self) -> str | None:
+        return ("musc scores a whole set of images against each other (transductive), not one image at a time; no "
+                "per-image graph computes that: run it with clipad predict / clipad eval on the set")
+
     @classmethod
     def default_input_size(cls, backbone: Backbone) -> int:
         return default_image_size(backbone.patch_size[0])

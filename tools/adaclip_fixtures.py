@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import fixture_io
 from fixture_io import perturbed_state, write_fixtures
 
 OFFICIAL_COMMIT = "e27ee32bf19be149795c8c8972d4c3c88cd5a496"
@@ -75,16 +76,8 @@ def model_cfg(image_size: int) -> dict:
 
 
 def synthetic_image(rng: np.random.Generator, defect: bool) -> tuple[np.ndarray, np.ndarray]:
-    """A smooth random colour field with fine noise (uint8 [S, S, 3]) and its defect mask (uint8 [S, S])."""
-    coarse = torch.from_numpy(rng.random((1, 3, 5, 5))).float()
-    field = torch.nn.functional.interpolate(coarse, size=(SIZE, SIZE), mode="bicubic", align_corners=False)[0]
-    img = field.permute(1, 2, 0).numpy() * 0.8 + rng.random((SIZE, SIZE, 3)) * 0.2
-    mask = np.zeros((SIZE, SIZE), np.uint8)
-    if defect:
-        y, x = rng.integers(10, SIZE - 50, size=2)
-        img[y : y + 40, x : x + 30] = rng.random(3)
-        mask[y : y + 40, x : x + 30] = 1
-    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), mask
+    """This fixture's test image and defect mask (:func:`fixture_io.synthetic_image`)."""
+    return fixture_io.synthetic_image(rng, SIZE, defect, coarse=5, box=(40, 30), margin=(10, 50), mask_value=1)
 
 
 def main() -> None:

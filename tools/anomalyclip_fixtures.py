@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import fixture_io
 from fixture_io import perturbed_state, write_fixtures, write_test_pair
 
 OFFICIAL_COMMIT = "45ed4dd35c05797d854294b5e8d585c545920089"
@@ -65,16 +66,8 @@ CLASSES = ["bottle", "carpet"]
 
 
 def synthetic_image(rng: np.random.Generator, defect: bool) -> tuple[np.ndarray, np.ndarray]:
-    """A smooth random colour field with fine noise (uint8 [S, S, 3]) and its defect mask (uint8 [S, S])."""
-    coarse = torch.from_numpy(rng.random((1, 3, 5, 5))).float()
-    field = torch.nn.functional.interpolate(coarse, size=(SIZE, SIZE), mode="bicubic", align_corners=False)[0]
-    img = field.permute(1, 2, 0).numpy() * 0.8 + rng.random((SIZE, SIZE, 3)) * 0.2
-    mask = np.zeros((SIZE, SIZE), np.uint8)
-    if defect:
-        y, x = rng.integers(10, SIZE - 40, size=2)
-        img[y : y + 28, x : x + 20] = rng.random(3)
-        mask[y : y + 28, x : x + 20] = 255
-    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), mask
+    """This fixture's test image and defect mask (:func:`fixture_io.synthetic_image`)."""
+    return fixture_io.synthetic_image(rng, SIZE, defect, coarse=5, box=(28, 20), margin=(10, 40), mask_value=255)
 
 
 def write_dataset(root: Path, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -84,3 +84,19 @@ def write_test_pair(
         masks.append(mask > 0)
         labels.append(int(specie != "good"))
     return entries, images, masks, labels
+
+
+def synthetic_image(rng: np.random.Generator, size: int, defect: bool, *, coarse: int, box: tuple[int, int],
+                    margin: tuple[int, int], mask_value: int) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth random colour field (bicubic from a ``coarse`` x ``coarse`` grid) with fine noise,
+    uint8 [S, S, 3], and its defect mask, uint8 [S, S]: with ``defect``, a flat-colour ``box``
+    (h, w) whose top-left corner is drawn in [margin[0], S - margin[1]) and ``mask_value`` inside."""
+    grid = torch.from_numpy(rng.random((1, 3, coarse, coarse))).float()
+    field = torch.nn.functional.interpolate(grid, size=(size, size), mode="bicubic", align_corners=False)[0]
+    img = field.permute(1, 2, 0).numpy() * 0.8 + rng.random((size, size, 3)) * 0.2
+    mask = np.zeros((size, size), np.uint8)
+    if defect:
+        y, x = rng.integers(margin[0], size - margin[1], size=2)
+        img[y : y + box[0], x : x + box[1]] = rng.random(3)
+        mask[y : y + box[0], x : x + box[1]] = mask_value
+    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), mask

@@ -97,6 +97,30 @@ def layer_at_fraction(depth: int, fraction: float) -> int:
     return max(1, min(depth, round(fraction * depth)))
 
 
+class TowerFacts:
+    """What every backbone family derives the same way from its ``depth`` and its ``mean`` /
+    ``std`` buffers ([1, 3, 1, 1]): depth-relative layer choices and input normalisation."""
+
+    depth: int
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def layer_index(self, fraction: float) -> int:
+        """A depth-relative layer choice: fraction 0.5 of a 24-block tower -> block 12."""
+        return layer_at_fraction(self.depth, fraction)
+
+    def tap_layers(self, fractions) -> tuple[int, ...]:
+        """Depth fractions (e.g. (0.25, 0.5, 0.75, 1.0) = blocks 6/12/18/24 of 24) -> 1-based blocks."""
+        taps = tuple(float(t) for t in fractions)
+        if not taps or any(not 0.0 < t <= 1.0 for t in taps):
+            raise ClipadError(f"taps must be fractions of the depth in (0, 1], e.g. (0.25, 0.5, 0.75, 1.0); got {taps}")
+        return tuple(self.layer_index(t) for t in taps)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> normalised with the backbone's mean and std (CLIP's, ImageNet's)."""
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
 def list_backbones() -> list[str]:
     """``tiny`` plus every open_clip architecture name (not all have a ViT image tower)."""
     import open_clip
@@ -227,7 +251,7 @@ def create_backbone(
     return bb.to(device)
 
 
-class Backbone(nn.Module):
+class Backbone(TowerFacts, nn.Module):
     """A frozen CLIP whose image tower is an open_clip ``VisionTransformer`` with a class token."""
 
     def __init__(self, clip: nn.Module, *, name: str, pretrained: str | None, mean, std, tokenizer) -> None:
@@ -291,22 +315,7 @@ class Backbone(nn.Module):
 
         return isinstance(getattr(self.blocks[0].mlp, "gelu", None), QuickGELU)
 
-    def layer_index(self, fraction: float) -> int:
-        """A depth-relative layer choice: fraction 0.5 of a 24-block tower -> block 12."""
-        return layer_at_fraction(self.depth, fraction)
-
-    def tap_layers(self, fractions) -> tuple[int, ...]:
-        """Depth fractions (e.g. (0.25, 0.5, 0.75, 1.0) = blocks 6/12/18/24 of 24) -> 1-based blocks."""
-        taps = tuple(float(t) for t in fractions)
-        if not taps or any(not 0.0 < t <= 1.0 for t in taps):
-            raise ClipadError(f"taps must be fractions of the depth in (0, 1], e.g. (0.25, 0.5, 0.75, 1.0); got {taps}")
-        return tuple(self.layer_index(t) for t in taps)
-
     # -- image tower ---------------------------------------------------------------------------
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] in [0, 1] -> CLIP-normalised."""
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-
     def positional_embedding(self, grid: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
         """[1 + gh * gw, W] positional embedding for a patch grid, interpolated when it differs.
 

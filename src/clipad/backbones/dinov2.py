@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import weights as weights_mod
-from .clip import ImageFeatures, LayerHook, apply_layer_hook, image_rows, layer_at_fraction
+from .clip import ImageFeatures, LayerHook, TowerFacts, apply_layer_hook, image_rows
 from ..errors import ClipadError, ClipadWarning, InvalidValueError, UnknownNameError, WeightsNotFound
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -318,7 +318,7 @@ def create_dinov2_backbone(
     return bb.to(device)
 
 
-class DinoV2Backbone(nn.Module):
+class DinoV2Backbone(TowerFacts, nn.Module):
     """A frozen DINOv2 ViT (timm modules) behind clipad's backbone surface; see the module docstring."""
 
     family = "dinov2"
@@ -374,21 +374,7 @@ class DinoV2Backbone(nn.Module):
         detectors record it as for CLIP backbones."""
         return False
 
-    def layer_index(self, fraction: float) -> int:
-        """A depth-relative layer choice: fraction 0.5 of a 12-block tower -> block 6."""
-        return layer_at_fraction(self.depth, fraction)
-
-    def tap_layers(self, fractions) -> tuple[int, ...]:
-        """Depth fractions (e.g. (0.25, 0.5, 0.75, 1.0)) -> 1-based blocks."""
-        taps = tuple(float(t) for t in fractions)
-        if not taps or any(not 0.0 < t <= 1.0 for t in taps):
-            raise ClipadError(f"taps must be fractions of the depth in (0, 1], e.g. (0.25, 0.5, 0.75, 1.0); got {taps}")
-        return tuple(self.layer_index(t) for t in taps)
-
     # -- image tower ---------------------------------------------------------------------------
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] in [0, 1] -> ImageNet-normalised."""
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def positional_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
         """[gh * gw, W] positional embedding of the patch grid, resized as the official

@@ -250,6 +250,23 @@ def _write_mask(path: Path, mask) -> int:
         return 1
 
 
+def _read_inputs(args: argparse.Namespace) -> tuple[list, list | None, int] | int:
+    """The images to score and the ``--reference`` images (None without the flag), with the count
+    of inputs that failed (each reported); or the exit code when there is nothing to do."""
+    paths, failures = collect_inputs(args.images)
+    if not paths:
+        report("no images to process")
+        return EXIT_FAILED_INPUTS
+    refs = None
+    if args.reference:
+        refs, _, failed = read_references(args)
+        failures += failed
+        if not refs:
+            report("none of the --reference images could be read")
+            return EXIT_FAILED_INPUTS
+    return paths, refs, failures
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
@@ -259,18 +276,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.ray is not None:
         return _cmd_predict_ray(args)
-    paths, failures = collect_inputs(args.images)
-    if not paths:
-        report("no images to process")
-        return EXIT_FAILED_INPUTS
-
+    read = _read_inputs(args)
+    if isinstance(read, int):
+        return read
+    paths, refs, failures = read
     det = _onnx_model(args) if args.model else build_detector(args)
-    if args.reference:
-        refs, _, failed = read_references(args)
-        failures += failed
-        if not refs:
-            report("none of the --reference images could be read")
-            return EXIT_FAILED_INPUTS
+    if refs:
         det.set_reference(refs, class_name=None)
 
     out = Path(args.out)
@@ -351,18 +362,11 @@ def _cmd_predict_ray(args: argparse.Namespace) -> int:
     from ..eval.files import display_path
 
     require_ray()  # the one clear line before anything is read or built
-    paths, failures = collect_inputs(args.images)
-    if not paths:
-        report("no images to process")
-        return EXIT_FAILED_INPUTS
+    read = _read_inputs(args)
+    if isinstance(read, int):
+        return read
+    paths, refs, failures = read
     det = build_detector(args)
-    refs = None
-    if args.reference:
-        refs, _, failed = read_references(args)
-        failures += failed
-        if not refs:
-            report("none of the --reference images could be read")
-            return EXIT_FAILED_INPUTS
     from .. import distributed
 
     summary = distributed.predict(

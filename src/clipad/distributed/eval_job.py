@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ClipadError, ImageReadError, SkippedInputWarning
+from ..errors import ImageReadError, SkippedInputWarning
 from .predict_job import _UNSET, build_detector
 
 
@@ -70,10 +70,9 @@ def evaluate(
     import torch
 
     from ..data import few_shot_split
-    from ..data.images import load_image
     from ..eval import metrics as metrics_mod
     from ..eval.files import display_path, display_text
-    from ..eval.run import RESIZE_MODES, RunResult
+    from ..eval.run import RunResult, checked_classes, set_class_reference
     from . import pipeline
     from .runtime import check_resources, require_ray, session
     from .shards import MAPS_DIR, merge_rows, read_shards
@@ -87,12 +86,7 @@ def evaluate(
 
         raise InvalidTypeError(f"dataset must be a clipad.data.AnomalyDataset (clipad.data.create_dataset); got {type(dataset).__name__}")
     det = build_detector(detector, method, backbone, pretrained, options)
-    names = classes or list(dataset.classes)
-    missing = [c for c in names if c not in dataset.classes]
-    if missing:
-        raise ClipadError(f"class(es) {missing} not in the dataset; it has: {', '.join(dataset.classes)}")
-    if resize not in RESIZE_MODES:
-        raise ClipadError(f"resize={resize!r} is not a resize mode; use one of {', '.join(RESIZE_MODES)}")
+    names = checked_classes(dataset, classes, resize)
     eval_size = eval_size or det.image_size
     failures: list[str] = []
     plan = []
@@ -100,13 +94,7 @@ def evaluate(
         refs, test = few_shot_split(dataset, cls, shots, seed)
         if shots:  # on the driver, as the single-process run sets them; the file carries every class's
             try:
-                images = [load_image(p, max_pixels=max_pixels) for p in refs]
-                if resize == "pil":
-                    from ..data.official import pil_resize_to_tensor
-
-                    det.set_reference([pil_resize_to_tensor(img, det.model_size) for img in images], class_name=cls)
-                else:
-                    det.set_reference(images, class_name=cls)
+                set_class_reference(det, cls, refs, resize=resize, max_pixels=max_pixels)
             except ImageReadError as exc:
                 failures.append(f"reference {exc}; class '{cls}' skipped")
                 warnings.warn(failures[-1], SkippedInputWarning, stacklevel=2)

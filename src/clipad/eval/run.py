@@ -189,6 +189,36 @@ def evaluate_class(
     return ClassResult(class_name, row, len(kept), int(labels_np.sum()), scores_np, labels_np, examples)
 
 
+def checked_classes(dataset, classes: list[str] | None, resize: str) -> list[str]:
+    """The classes to evaluate (None: all of ``dataset``'s), each checked to exist, and the
+    ``resize`` mode checked; one :class:`ClipadError` naming the valid values otherwise."""
+    names = classes or list(dataset.classes)
+    missing = [c for c in names if c not in dataset.classes]
+    if missing:
+        raise ClipadError(f"class(es) {missing} not in the dataset; it has: {', '.join(dataset.classes)}")
+    if resize not in RESIZE_MODES:
+        raise ClipadError(f"resize={resize!r} is not a resize mode; use one of {', '.join(RESIZE_MODES)}")
+    return names
+
+
+def set_class_reference(det, class_name: str, paths: list[Path], *, resize: str, max_pixels: int | None) -> None:
+    """Read the reference images ``paths`` and set them as ``class_name``'s references, resized as
+    the test images are (``resize="pil"``: tensors at the model size, not resized again).
+
+    Raises:
+        ImageReadError: a reference cannot be read (the caller skips the class).
+    """
+    from ..data.images import load_image
+
+    images = [load_image(p, max_pixels=max_pixels) for p in paths]
+    if resize == "pil":
+        from ..data.official import pil_resize_to_tensor
+
+        det.set_reference([pil_resize_to_tensor(img, det.model_size) for img in images], class_name=class_name)
+    else:
+        det.set_reference(images, class_name=class_name)
+
+
 def run(
     det, dataset, *, classes: list[str] | None, shots: int, seed: int, eval_size: int | None,
     batch_size: int, workers: int, protocol: str, n_examples: int, quiet: bool, metrics_device: str | None = None,
@@ -205,12 +235,7 @@ def run(
     from ..data import few_shot_split
 
     t0 = time.perf_counter()
-    names = classes or list(dataset.classes)
-    missing = [c for c in names if c not in dataset.classes]
-    if missing:
-        raise ClipadError(f"class(es) {missing} not in the dataset; it has: {', '.join(dataset.classes)}")
-    if resize not in RESIZE_MODES:
-        raise ClipadError(f"resize={resize!r} is not a resize mode; use one of {', '.join(RESIZE_MODES)}")
+    names = checked_classes(dataset, classes, resize)
     eval_size = eval_size or det.image_size
     plan = [(c, *few_shot_split(dataset, c, shots, seed)) for c in names]
     total = sum(len(test) for _, _, test in plan)
@@ -220,15 +245,7 @@ def run(
         for cls, refs, test in plan:
             if shots:
                 try:
-                    from ..data.images import load_image
-
-                    images = [load_image(p, max_pixels=max_pixels) for p in refs]
-                    if resize == "pil":  # as the test images; tensors at the model size are not resized again
-                        from ..data.official import pil_resize_to_tensor
-
-                        det.set_reference([pil_resize_to_tensor(img, det.model_size) for img in images], class_name=cls)
-                    else:
-                        det.set_reference(images, class_name=cls)
+                    set_class_reference(det, cls, refs, resize=resize, max_pixels=max_pixels)
                 except ImageReadError as exc:
                     failures.append(f"reference {exc}; class '{cls}' skipped")
                     warnings.warn(failures[-1], SkippedInputWarning, stacklevel=2)

@@ -24,6 +24,8 @@ def test_compiled_scoring_matches_eager(method):
     """Dynamo traces every method's scoring path (graph breaks allowed) without changing results."""
     det = tiny_detector(method, image_size=64)
     x = random_images(max(3, det.min_set_size), 64, seed=1)  # a transductive method needs a whole set
+    if det.needs_reference:  # few-shot only (AnomalyDINO)
+        det.set_reference(random_images(2, 64, seed=4))
     eager = det.predict(x)
     assert det.compile(backend="eager") is det
     with warnings.catch_warnings():

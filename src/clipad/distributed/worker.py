@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ImageReadError
+from ..errors import ClipadError, ImageReadError
 
 #: the image of a row that could not be decoded (Arrow needs an array of the column's rank)
 _NO_IMAGE = np.zeros((1, 1, 3), np.uint8)
@@ -197,9 +197,8 @@ def _die_once(marker_dir: Path) -> None:
     os._exit(1)
 
 
-class InjectedFailure(Exception):
-    """The crash the test hooks (``CLIPAD_RAY_FAIL_*``) inject into an actor: not a user's mistake,
-    so deliberately not a :class:`~clipad.errors.ClipadError`."""
+class InjectedFailure(ClipadError):
+    """The crash the test hooks (``CLIPAD_RAY_FAIL_*``) inject into an actor."""
 
 
 def _fail_after(spec: str) -> None:

@@ -130,6 +130,7 @@ def anomaly_map_from_logits(logits: Sequence[torch.Tensor], grid: tuple[int, int
     return ((mean[:, 1:] + 1 - mean[:, 0:1]) / 2.0)[:, 0]
 
 
+@torch._disable_dynamo  # sklearn on numpy: nothing to compile, and dynamo cannot trace its imports
 def kmeans_labels(data: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
     """sklearn ``KMeans(n_clusters, n_init="auto", random_state=seed).fit_predict(data)`` (k-means++,
     one initialisation, Lloyd), the official clustering with a fixed random state."""

@@ -51,7 +51,7 @@ def decode_sample(row: dict[str, Any], eval_size: int, resize: str = "torch", ma
     import torch
 
     from ..data.images import load_image, load_mask
-    from ..eval.run import _resize_mask  # the single-process evaluation's own resizing: identical masks
+    from ..eval.run import resize_mask  # the single-process evaluation's own resizing: identical masks
 
     path = os.fsdecode(row["fspath"])
     row["mask"], row["mask_known"] = np.zeros((eval_size, eval_size), bool), False
@@ -70,7 +70,7 @@ def decode_sample(row: dict[str, Any], eval_size: int, resize: str = "torch", ma
         except ImageReadError as exc:
             row["image"], row["error"] = _NO_IMAGE, f"mask '{exc.path}' of image '{row['id']}': {exc.reason}; image skipped"
             return row
-        row["mask"], row["mask_known"] = _resize_mask(mask, eval_size, resize).numpy(), True
+        row["mask"], row["mask_known"] = resize_mask(mask, eval_size, resize).numpy(), True
     return row
 
 
@@ -159,11 +159,11 @@ class ScoreActor:
         from PIL import Image
 
         from ..data.transforms import equal_runs
-        from ..eval.run import _ToModelTensor  # the single-process evaluation's transform: identical inputs
+        from ..eval.run import ToModelTensor  # the single-process evaluation's transform: identical inputs
         from .shards import shard_name
 
         det, size = self.det, self.job["eval_size"]
-        to_tensor = _ToModelTensor(det.input_size, self.job["resize"])
+        to_tensor = ToModelTensor(det.input_size, self.job["resize"])
         order, scores, maps = [], [], []
         for cls, rows in self._groups(batch, ok).items():
             tensors = [to_tensor(Image.fromarray(np.ascontiguousarray(batch["image"][i]))) for i in rows]

@@ -70,7 +70,7 @@ class RunResult:
 RESIZE_MODES = ("torch", "pil")
 
 
-class _ToModelTensor:
+class ToModelTensor:
     """PIL image -> [3, h, w] float at the detector's input size for it (square, or aspect kept
     for methods that tile), resized as ``predict`` does (``resize="torch"``) or as the official
     test scripts do (``"pil"``). A class so DataLoader workers can pickle it."""
@@ -90,7 +90,7 @@ class _ToModelTensor:
         return resize_batch([t], self.input_size(tuple(t.shape[-2:])), t.device)[0]
 
 
-def _resize_mask(mask: torch.Tensor, size: int, resize: str = "torch") -> torch.Tensor:
+def resize_mask(mask: torch.Tensor, size: int, resize: str = "torch") -> torch.Tensor:
     """bool [H, W] -> bool [size, size]: nearest neighbour, or (``"pil"``) the official PIL bilinear + > 0.5."""
     if resize == "pil":
         from ..data.official import official_mask
@@ -112,7 +112,7 @@ def evaluate_class(
 
     cuda = det.device.type == "cuda"
     loader = make_loader(
-        samples, batch_size, transform=_ToModelTensor(det.input_size, resize), num_workers=workers, pin_memory=cuda,
+        samples, batch_size, transform=ToModelTensor(det.input_size, resize), num_workers=workers, pin_memory=cuda,
         max_pixels=max_pixels,
     )
     # scores and maps stay on the device until the class is done: no host synchronisation per batch
@@ -143,7 +143,7 @@ def evaluate_class(
         for smp, mk in zip(batch.samples, batch.masks):
             labels.append(smp.label)
             known.append(mk is not None)
-            masks.append(_resize_mask(mk, eval_size, resize) if mk is not None else torch.zeros(eval_size, eval_size, dtype=torch.bool))
+            masks.append(resize_mask(mk, eval_size, resize) if mk is not None else torch.zeros(eval_size, eval_size, dtype=torch.bool))
             kept.append(smp)
         progress.update(len(batch) + len(batch.failures))
     if pending:

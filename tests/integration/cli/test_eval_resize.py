@@ -22,7 +22,7 @@ from clipad.cli import main
 from clipad.data import few_shot_split, folder_dataset
 from clipad.data.images import load_image
 from clipad.data.official import official_image_transform, official_mask
-from clipad.eval.run import _resize_mask, _ToModelTensor, run
+from clipad.eval.run import resize_mask, ToModelTensor, run
 
 TINY = ["--backbone", "tiny", "--pretrained", "none", "--quiet", "--workers", "0", "--image-size", "64"]
 
@@ -54,7 +54,7 @@ def _official_test_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
 def test_pil_resize_gives_the_official_model_input(hw):
     det = tiny_detector("anomalyclip", image_size=64)
     image = _generated_image(*hw)
-    ours = _ToModelTensor(det.input_size, "pil")(image)
+    ours = ToModelTensor(det.input_size, "pil")(image)
     assert ours.shape == (3, 64, 64)
     assert torch.equal(ours, _official_image(image, 64))
     assert torch.equal(ours, official_image_transform(64)(image))  # the transform training uses
@@ -62,18 +62,18 @@ def test_pil_resize_gives_the_official_model_input(hw):
 
 def test_pil_masks_follow_the_official_test_scripts():
     mask = _ellipse_mask()
-    ours = _resize_mask(mask, 64, "pil")
+    ours = resize_mask(mask, 64, "pil")
     assert ours.dtype == torch.bool and torch.equal(ours, _official_test_mask(mask, 64))
     assert torch.equal(ours, official_mask(mask, 64) > 0.5)  # training masks are read the same way
     # the default (nearest neighbour) differs at the boundary only
-    nearest = _resize_mask(mask, 64, "torch")
+    nearest = resize_mask(mask, 64, "torch")
     assert 0 < int((ours != nearest).sum()) < 0.2 * int(ours.sum())
 
 
 def test_the_two_resize_modes_give_different_but_close_inputs():
     image = _generated_image(300, 300)
     size = lambda hw: (64, 64)  # noqa: E731
-    by_torch, by_pil = _ToModelTensor(size, "torch")(image), _ToModelTensor(size, "pil")(image)
+    by_torch, by_pil = ToModelTensor(size, "torch")(image), ToModelTensor(size, "pil")(image)
     diff = (by_torch - by_pil).abs()
     assert not torch.equal(by_torch, by_pil)
     assert diff.mean() < 3e-3 and diff.max() < 0.1  # measured: mean 1.2e-3, max 0.06 (sharp edges)
